@@ -1,0 +1,222 @@
+"""Typed job configs: frozen dataclasses, loadable from YAML with ``key.sub=value`` overrides.
+
+Every bad field is reported at once in one :class:`ConfigError` (torchtune's ``_validate``), and
+the defaults run offline on a laptop: the packaged MiniLM encoder, a local loopback Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from rag_ray.encoders import DEFAULT_ENCODER
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """All problems found in one config, one per line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where to run: ``address`` None starts a private loopback Ray; "auto" joins a cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory: int | None = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """A dense encoder: pooling/normalize None mean "whatever the checkpoint was trained with"."""
+
+    name: str = DEFAULT_ENCODER
+    pooling: Literal["cls", "mean"] | None = None
+    normalize: bool | None = None
+    max_length: int = 256
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """``rag-ray index``: corpus files -> a persisted sharded FAISS index."""
+
+    corpus: list[str] = field(default_factory=list)
+    out: str = "indexes/squad-open"
+    format: Literal["jsonl", "parquet", "csv", "tsv", "squad"] | None = None
+    max_words: int = 100
+    on_error: Literal["raise", "skip"] = "raise"
+    shards: int = 2
+    index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    hnsw_m: int = 32
+    ef_search: int = 128
+    ivf_nlist: int | None = None
+    pq_m: int | None = None
+    nprobe: int = 16
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    embedders: int = 1
+    embedder_cpus: float = 1.0
+    embedder_gpus: float = 0.0
+    torch_threads: int | None = None
+    overwrite: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.corpus:
+            problems.append("corpus: give at least one corpus file or directory")
+        for name in ("max_words", "shards", "hnsw_m", "ef_search", "nprobe", "embedders"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.encoder.batch_size < 1 or self.encoder.max_length < 1:
+            problems.append("encoder.batch_size and encoder.max_length must be >= 1")
+        return problems
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            sub: list[str] = []
+            out = _convert(arg, value, where, sub)
+            if not sub:
+                return out
+        problems.append(f"{where}: {value!r} is not a valid {tp}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, os.PathLike)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {type(value).__name__}")
+            return []
+        return [_convert(args[0] if args else Any, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _build(tp, value, where, problems)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            problems.append(f"{where}: expected an integer, got {value!r}")
+            return value
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type[T], data: Any, where: str, problems: list[str]) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            problems.append(f"{where + '.' if where else ''}{key}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(hints[k], v, f"{where + '.' if where else ''}{k}", problems)
+              for k, v in data.items() if k in names}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{where or cls.__name__}: {exc}")
+        return cls()
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ConfigError("overrides", [f"{dotted}: {key} is not a section"])
+    data[keys[-1]] = value
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
+                validate: bool = True) -> T:
+    """Build ``cls`` from a YAML file (optional) plus overrides (``["shards=4", "encoder.name=x"]``
+    or a nested dict); every problem is collected and raised together as a ConfigError."""
+    source = str(path) if path else cls.__name__
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(source, ["file does not exist"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [f"invalid YAML: {exc}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(source, ["the top level must be a mapping of field: value"])
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            _set_path(data, key, value)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(source, [f"override {item!r} must look like key.sub=value"])
+            key, raw = item.split("=", 1)
+            _set_path(data, key.strip(), yaml.safe_load(raw) if raw else "")
+    problems: list[str] = []
+    cfg = _build(cls, data, "", problems)
+    if not problems and validate and hasattr(cfg, "validate"):
+        problems = cfg.validate()
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,113 @@
+"""Retrieval evaluation: recall@k by gold document and by answer string, dense vs. BM25.
+
+Both retrievers rank the very same passages (BM25 reads them back from the index's shard files),
+so the comparison isolates the ranking function.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+
+from rag_ray.datasets import QAExample
+from rag_ray.manifest import IndexManifest
+from rag_ray.metrics import normalize_answer
+
+log = logging.getLogger(__name__)
+KS = (1, 5, 20, 100)
+
+
+def index_passages(index_dir: str | Path) -> dict[str, list[str]]:
+    """Every passage stored in an index (columns passage_id, doc_id, title, text), shard by shard."""
+    import pyarrow.parquet as pq
+
+    index_dir = Path(index_dir)
+    manifest = IndexManifest.read(index_dir)
+    cols: dict[str, list[str]] = {"passage_id": [], "doc_id": [], "title": [], "text": []}
+    for info in manifest.shards:
+        table = pq.read_table(index_dir / info.directory / "passages.parquet")
+        for name in cols:
+            cols[name].extend(table.column(name).to_pylist())
+    return cols
+
+
+def has_answer(text: str, answers: Sequence[str]) -> bool:
+    """DPR's answer-string match: a normalised gold answer occurs as whole tokens in the text."""
+    norm_text = f" {normalize_answer(text)} "
+    return any(f" {a} " in norm_text for a in (normalize_answer(x) for x in answers) if a)
+
+
+def recall_table(ranked_doc_ids: list[list[str]], ranked_texts: list[list[str]],
+                 examples: Sequence[QAExample], ks: Sequence[int] = KS) -> dict[str, float]:
+    """recall@k by gold doc_id (questions that have one) and answer-string recall@k (all)."""
+    out: dict[str, float] = {}
+    with_gold = [i for i, e in enumerate(examples) if e.doc_id is not None]
+    for k in ks:
+        if with_gold:
+            hits = sum(examples[i].doc_id in ranked_doc_ids[i][:k] for i in with_gold)
+            out[f"recall@{k}"] = hits / len(with_gold)
+        ans = sum(any(has_answer(t, e.answers) for t in ranked_texts[i][:k]) for i, e in enumerate(examples))
+        out[f"answer_recall@{k}"] = ans / len(examples)
+    return out
+
+
+def bm25_rankings(passages: dict[str, list[str]], questions: Sequence[str], k: int) -> tuple[list[list[int]], float]:
+    """Row numbers of the BM25 top-k for each question, and seconds spent searching."""
+    import bm25s
+
+    corpus = [f"{t} {x}" for t, x in zip(passages["title"], passages["text"])]
+    bm25 = bm25s.BM25()
+    bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+    start = time.perf_counter()
+    rows, _ = bm25.retrieve(bm25s.tokenize(list(questions), stopwords="en", show_progress=False),
+                            k=min(k, len(corpus)), show_progress=False)
+    return rows.tolist(), time.perf_counter() - start
+
+
+def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], index_dir: str | Path,
+                       ks: Sequence[int] = KS, batch_size: int = 64, bm25: bool = True) -> dict:
+    """Dense (through the sharded retriever) and BM25 recall tables for the same questions."""
+    k = max(ks)
+    questions = [e.question for e in examples]
+    doc_ids: list[list[str]] = []
+    texts: list[list[str]] = []
+    start, encode_s = time.perf_counter(), 0.0
+    for i in range(0, len(questions), batch_size):
+        t0 = time.perf_counter()
+        q = query_encoder.encode(questions[i : i + batch_size])
+        encode_s += time.perf_counter() - t0
+        res = retriever.search(q, k)
+        doc_ids += [[h.doc_id for h in hits] for hits in res.hits]
+        texts += [[h.text for h in hits] for hits in res.hits]
+        if (i // batch_size) % 5 == 4:
+            done = i + batch_size
+            log.info("dense retrieval: %d/%d questions (%.1f q/s)", done, len(questions),
+                     done / (time.perf_counter() - start))
+    dense_s = time.perf_counter() - start
+    report = {"questions": len(examples), "index": str(index_dir), "k": list(ks),
+              "dense": recall_table(doc_ids, texts, examples, ks),
+              "dense_seconds": {"total": round(dense_s, 2), "encode": round(encode_s, 2),
+                                "search": round(dense_s - encode_s, 2)}}
+    if bm25:
+        passages = index_passages(index_dir)
+        rows, bm25_s = bm25_rankings(passages, questions, k)
+        report["bm25"] = recall_table([[passages["doc_id"][r] for r in rr] for rr in rows],
+                                      [[passages["text"][r] for r in rr] for rr in rows], examples, ks)
+        report["bm25_seconds"] = round(bm25_s, 2)
+    return report
+
+
+def format_table(report: dict) -> str:
+    systems = [s for s in ("dense", "bm25") if s in report]
+    keys = list(report["dense"].keys())
+    lines = [f"{'metric':<20}" + "".join(f"{s:>10}" for s in systems)]
+    for key in keys:
+        lines.append(f"{key:<20}" + "".join(f"{report[s][key]:>10.3f}" for s in systems))
+    lines.append(f"({report['questions']} questions, index {report['index']})")
+    return "\n".join(lines)
+
+

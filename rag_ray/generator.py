@@ -1,0 +1,497 @@
+"""The generator half of RAG: any HF seq2seq model, the copy head, and prompt assembly.
+
+Three checkpoint families load through one door (``Generator.from_pretrained``): BART/T5-style
+seq2seq checkpoints via ``AutoModelForSeq2SeqLM``, saved ``EncoderDecoderModel`` checkpoints, and
+plain encoder checkpoints (BERT, MiniLM) that are warm-started into a BERT2BERT
+``EncoderDecoderModel``. Any of them can be wrapped in ``PointerGenerator`` (the copy head), whose
+output "logits" are log p_mix, so RAG marginalisation, HF ``generate``/beam search, save/load and
+the equivalence tests with transformers' RAG treat every generator alike.
+
+Prompt assembly lives here, not in retrieval: a passage is joined to its question as
+``title / text // question`` (the RAG paper's format; configurable), and the passage text, not
+the question, is cut when the prompt exceeds ``max_source_length``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    EncoderDecoderModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from rag_ray.encoders import DEFAULT_ENCODER, default_device, resolve_model_path
+
+DEFAULT_TEMPLATE = "{title} / {text} // {question}"
+CLOSED_BOOK_TEMPLATE = "{question}"
+_SETTINGS_FILE = "rag_ray_generator.json"
+_COPY_HEAD_FILE = "copy_head.safetensors"
+
+
+class PassageLike(Protocol):
+    """Anything with a title and a text (the retriever's ``Hit``, a corpus row, a test stub)."""
+
+    title: str
+    text: str
+
+
+# --------------------------------------------------------------------------------------------
+# Copy head (pointer-generator, See et al. 2017)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointerEncoderOutput(BaseModelOutput):
+    """Encoder output that also carries the source token ids the copy distribution scatters onto.
+
+    Keeping the ids inside ``encoder_outputs`` lets HF ``generate`` expand them per beam together
+    with the hidden states, so beam search needs no special casing.
+    """
+
+    source_ids: torch.LongTensor | None = None
+
+
+class _SourceKeepingEncoder(nn.Module):
+    """``get_encoder()`` of the copy head: the base encoder plus the source ids in its output."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.main_input_name = "input_ids"
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = True,
+    ) -> PointerEncoderOutput:
+        out = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return PointerEncoderOutput(
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            source_ids=input_ids,
+        )
+
+
+class PointerGenerator(PreTrainedModel, GenerationMixin):
+    """A seq2seq model with a copy head: p(y_t) = g·p_vocab + (1−g)·Σ_s a_ts·[src_s = y_t].
+
+    ``a`` is a learned pointer attention of the last decoder state over the encoder states and
+    ``g`` a learned gate from the decoder state and the pointer context. ``logits`` in the output
+    are log p_mix (already normalised), so ``log_softmax`` downstream is the identity and every
+    consumer of seq2seq logits works unchanged. The config is a copy of the base model's.
+    """
+
+    main_input_name = "input_ids"
+    base_model_prefix = "base"
+    _supports_cache_class = True
+    # attention is the base model's business; these flags only stop PreTrainedModel's init checks
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def __init__(self, base: PreTrainedModel, pointer_dim: int | None = None) -> None:
+        # a copy: PreTrainedModel.__init__ rewrites attention settings on the config it is given
+        super().__init__(copy.deepcopy(base.config))
+        self.base = base
+        enc_dim = _hidden_size(base.config, "encoder")
+        dec_dim = _hidden_size(base.config, "decoder")
+        pointer_dim = pointer_dim or dec_dim
+        self.pointer_dim = pointer_dim
+        self.query = nn.Linear(dec_dim, pointer_dim)
+        self.key = nn.Linear(enc_dim, pointer_dim, bias=False)
+        self.gate = nn.Linear(dec_dim + enc_dim, 1)
+        for lin in (self.query, self.key, self.gate):
+            nn.init.normal_(lin.weight, std=0.02)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.generation_config = base.generation_config
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The base is already initialised (or loaded) and the pointer layers are set in __init__."""
+
+    def get_encoder(self, *args, **kwargs) -> _SourceKeepingEncoder:
+        return _SourceKeepingEncoder(self.base.get_encoder())
+
+    def get_decoder(self, *args, **kwargs) -> nn.Module:
+        return self.base.get_decoder()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The copy head's own parameters (the base is saved by its own ``save_pretrained``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache=None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = True,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("PointerGenerator needs input_ids or encoder_outputs (with source_ids)")
+            encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        source_ids = getattr(encoder_outputs, "source_ids", None)
+        if source_ids is None:
+            source_ids = input_ids
+        if source_ids is None:
+            raise ValueError(
+                "the copy head needs the source token ids: pass input_ids, or encoder_outputs from "
+                "PointerGenerator.get_encoder() (which carry source_ids)"
+            )
+        enc_h = encoder_outputs[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(source_ids.shape, dtype=torch.long, device=source_ids.device)
+        out = self.base(
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=BaseModelOutput(last_hidden_state=enc_h),
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        log_p = self.mix(out.logits, out.decoder_hidden_states[-1], enc_h, attention_mask, source_ids)
+        return Seq2SeqLMOutput(
+            logits=log_p,
+            cache=out.cache,
+            decoder_hidden_states=out.decoder_hidden_states,
+            encoder_last_hidden_state=enc_h,
+        )
+
+    def mix(
+        self,
+        vocab_logits: torch.Tensor,
+        dec_h: torch.Tensor,
+        enc_h: torch.Tensor,
+        source_mask: torch.Tensor,
+        source_ids: torch.LongTensor,
+    ) -> torch.Tensor:
+        """[N, T, V] vocab logits -> [N, T, V] log p_mix, computed in log space for stability."""
+        q = self.query(dec_h)  # N,T,P
+        k = self.key(enc_h)  # N,S,P
+        att = torch.einsum("ntp,nsp->nts", q, k) / math.sqrt(self.pointer_dim)
+        att = att.float().masked_fill(~source_mask.bool()[:, None, :], torch.finfo(torch.float32).min)
+        a = att.softmax(-1)  # N,T,S
+        context = torch.einsum("nts,nsh->nth", a.to(enc_h.dtype), enc_h)
+        g_logit = self.gate(torch.cat([dec_h, context], -1)).float()  # N,T,1
+        copy = torch.zeros(vocab_logits.shape, dtype=torch.float32, device=vocab_logits.device)
+        copy.scatter_add_(-1, source_ids[:, None, :].expand(-1, a.shape[1], -1), a)
+        log_vocab = torch.log_softmax(vocab_logits.float(), -1) + nn.functional.logsigmoid(g_logit)
+        log_copy = torch.log(copy.clamp_min(1e-30)) + nn.functional.logsigmoid(-g_logit)
+        return torch.logaddexp(log_vocab, log_copy)
+
+
+def _hidden_size(config, side: str) -> int:
+    sub = getattr(config, side, None)
+    cfg = sub if sub is not None and hasattr(sub, "hidden_size") else config
+    for attr in ("hidden_size", "d_model"):
+        if getattr(cfg, attr, None):
+            return int(getattr(cfg, attr))
+    raise ValueError(f"cannot find the hidden size of {type(config).__name__}; set pointer_dim explicitly")
+
+
+# --------------------------------------------------------------------------------------------
+# Generator: model + tokenizer + prompt format
+# --------------------------------------------------------------------------------------------
+
+
+class Generator(nn.Module):
+    """A seq2seq model, its tokenizer and the prompt format, as one trainable, savable unit.
+
+    ``model`` is any HF seq2seq ``PreTrainedModel`` (BART, T5, ``EncoderDecoderModel``) or a
+    ``PointerGenerator`` around one; ``forward`` returns its "logits" either way.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        closed_book_template: str = CLOSED_BOOK_TEMPLATE,
+        max_source_length: int = 256,
+        max_target_length: int = 32,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        for field in ("{question}",):
+            if field not in template or field not in closed_book_template:
+                raise ValueError(f"templates must contain {field}; got {template!r} / {closed_book_template!r}")
+        if max_source_length < 8 or max_target_length < 2:
+            raise ValueError(
+                f"max_source_length must be >= 8 and max_target_length >= 2, got "
+                f"{max_source_length} and {max_target_length}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.closed_book_template = closed_book_template
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.name = name
+        for attr in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
+            if getattr(model.config, attr, None) is None:
+                raise ValueError(
+                    f"generator config lacks {attr}; set it on model.config and model.generation_config "
+                    "(Generator.from_pretrained does this for BERT2BERT)"
+                )
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = DEFAULT_ENCODER,
+        *,
+        copy_head: bool | None = None,
+        template: str | None = None,
+        closed_book_template: str | None = None,
+        max_source_length: int | None = None,
+        max_target_length: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> "Generator":
+        """Load a saved Generator, a seq2seq checkpoint, or warm-start BERT2BERT from an encoder.
+
+        ``copy_head=None`` keeps a saved generator's choice and otherwise adds the copy head only
+        when warm-starting from an encoder checkpoint (the offline default: BERT2BERT from MiniLM
+        learns to copy answers on a CPU budget, plain BERT2BERT does not).
+        """
+        path = resolve_model_path(name_or_path)
+        settings_file = Path(path) / _SETTINGS_FILE
+        settings: dict = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        try:
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot load generator {name_or_path!r}: {exc}. Give a local checkpoint directory, a hub "
+                f"id available offline, or {DEFAULT_ENCODER!r} for BERT2BERT from the packaged MiniLM."
+            ) from exc
+        if config.is_encoder_decoder:
+            model = AutoModelForSeq2SeqLM.from_pretrained(path)
+            warm_started = False
+        else:
+            model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+            warm_started = True
+        _set_special_tokens(model, tokenizer)
+        if copy_head is None:
+            copy_head = settings.get("copy_head", warm_started)
+        if copy_head:
+            model = PointerGenerator(model, pointer_dim=settings.get("pointer_dim"))
+            head_file = Path(path) / _COPY_HEAD_FILE
+            if settings.get("copy_head") and head_file.is_file():
+                missing = model.load_state_dict(load_file(str(head_file)), strict=False)
+                if missing.unexpected_keys:
+                    raise ValueError(f"{head_file} has unexpected keys {missing.unexpected_keys}")
+        gen = cls(
+            model,
+            tokenizer,
+            template=template or settings.get("template", DEFAULT_TEMPLATE),
+            closed_book_template=closed_book_template
+            or settings.get("closed_book_template", CLOSED_BOOK_TEMPLATE),
+            max_source_length=max_source_length or settings.get("max_source_length", 256),
+            max_target_length=max_target_length or settings.get("max_target_length", 32),
+            name=settings.get("name", name_or_path),
+        )
+        return gen.to(device or default_device())
+
+    def settings(self) -> dict:
+        return {
+            "name": self.name,
+            "copy_head": self.copy_head,
+            "pointer_dim": getattr(self.model, "pointer_dim", None),
+            "template": self.template,
+            "closed_book_template": self.closed_book_template,
+            "max_source_length": self.max_source_length,
+            "max_target_length": self.max_target_length,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Base weights as safetensors (HF), tokenizer, copy head (safetensors) and settings."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        base = self.model.base if self.copy_head else self.model
+        base.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        if self.copy_head:
+            head = {k: v.detach().contiguous().cpu() for k, v in self.model.head_state_dict().items()}
+            save_file(head, str(directory / _COPY_HEAD_FILE))
+        (directory / _SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=2))
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def copy_head(self) -> bool:
+        return isinstance(self.model, PointerGenerator)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.config.pad_token_id)
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        return int(self.config.decoder_start_token_id)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.config.eos_token_id)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = getattr(self.config, "bos_token_id", None)
+        return None if bos is None else int(bos)
+
+    # -- prompts and targets -----------------------------------------------------------------
+
+    def format_prompt(self, question: str, passage: PassageLike | None = None, text: str | None = None) -> str:
+        """``title / text // question`` for one passage, or the closed-book prompt without one."""
+        if passage is None:
+            return self.closed_book_template.format(question=question)
+        return self.template.format(
+            title=passage.title, text=passage.text if text is None else text, question=question
+        )
+
+    def build_inputs(
+        self, questions: Sequence[str], passages: Sequence[Sequence[PassageLike]] | None
+    ) -> dict[str, torch.Tensor]:
+        """Prompts for every (question, passage) pair, flattened question-major: [B*K, L].
+
+        When a prompt is too long the passage text is shortened (by tokens) so the question,
+        which comes last in the default template, survives truncation.
+        """
+        if passages is None:
+            prompts = [self.format_prompt(q) for q in questions]
+        else:
+            prompts = []
+            for q, row in zip(questions, passages):
+                prompts.extend(self._fit_prompt(q, p) for p in row)
+        batch = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_source_length, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+
+    def _fit_prompt(self, question: str, passage: PassageLike) -> str:
+        prompt = self.format_prompt(question, passage)
+        n = len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if n <= self.max_source_length:
+            return prompt
+        text_ids = self.tokenizer(passage.text, add_special_tokens=False)["input_ids"]
+        keep = max(0, len(text_ids) - (n - self.max_source_length) - 2)
+        return self.format_prompt(question, passage, text=self.tokenizer.decode(text_ids[:keep]))
+
+    def build_targets(self, answers: Sequence[str]) -> torch.LongTensor:
+        """[B, T] decoder sequences ``start, answer tokens, eos, pad...`` (RAG's label layout:
+        the same tensor is the decoder input and, shifted left by one, the target)."""
+        ids = self.tokenizer(list(answers), truncation=True, max_length=self.max_target_length)["input_ids"]
+        start = self.decoder_start_token_id
+        rows = [row if row and row[0] == start else [start, *row] for row in ids]
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out.to(self.device)
+
+    def decode(self, sequences: torch.Tensor) -> list[str]:
+        return [s.strip() for s in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+    # -- model calls -------------------------------------------------------------------------
+
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> BaseModelOutput:
+        """Encoder states (with source ids for the copy head), reusable across many decodes."""
+        out = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        if isinstance(out, PointerEncoderOutput):
+            return out
+        return PointerEncoderOutput(last_hidden_state=out.last_hidden_state, source_ids=input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.LongTensor,
+        encoder_outputs: BaseModelOutput | None = None,
+    ) -> torch.Tensor:
+        """[N, T, V] next-token logits (log p_mix for the copy head) for each decoder position."""
+        if encoder_outputs is not None and not self.copy_head:
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state)
+        out = self.model(
+            input_ids=None if encoder_outputs is not None else input_ids,
+            attention_mask=attention_mask,
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+            return_dict=True,
+        )
+        return out.logits
+
+
+def _set_special_tokens(model: PreTrainedModel, tokenizer) -> None:
+    """Fill the ids BERT2BERT lacks ([CLS] starts, [SEP] ends, [PAD] pads) on config and
+    generation_config; forward and generate raise without them."""
+    cfg, gen = model.config, model.generation_config
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    start = first(getattr(cfg, "decoder_start_token_id", None), getattr(gen, "decoder_start_token_id", None),
+                  tokenizer.cls_token_id, tokenizer.bos_token_id)
+    pad = first(getattr(cfg, "pad_token_id", None), tokenizer.pad_token_id)
+    eos = first(getattr(cfg, "eos_token_id", None), tokenizer.sep_token_id, tokenizer.eos_token_id)
+    bos = first(getattr(cfg, "bos_token_id", None), tokenizer.bos_token_id, tokenizer.cls_token_id)
+    if start is None or pad is None or eos is None:
+        raise ValueError(
+            f"cannot infer decoder_start/pad/eos token ids for {type(model).__name__} from its tokenizer; "
+            "set them on model.config"
+        )
+    for c in (cfg, gen):
+        c.decoder_start_token_id = int(start)
+        c.pad_token_id = int(pad)
+        c.eos_token_id = int(eos)
+        c.bos_token_id = None if bos is None else int(bos)
+    if getattr(cfg, "vocab_size", None) is None and getattr(cfg, "decoder", None) is not None:
+        cfg.vocab_size = cfg.decoder.vocab_size
