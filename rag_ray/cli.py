@@ -163,7 +163,8 @@ def user_error(exc: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ValueError, ConfigError, FileNotFoundError)) and "ray" not in type(e).__module__:
+        wrapper = type(e).__module__.startswith("ray.")  # RayTaskError(CorpusError) and friends
+        if isinstance(e, (ValueError, FileNotFoundError)) and not wrapper:
             return e
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None

@@ -43,6 +43,9 @@ class CorpusError(ValueError):
         super().__init__(f"{where}: {problem}")
         self.path, self.line, self.field, self.problem = path, line, field_name, problem
 
+    def __reduce__(self):  # crosses Ray task boundaries intact
+        return (CorpusError, (self.path, self.line, self.field, self.problem))
+
 
 @dataclass
 class SkipLog:

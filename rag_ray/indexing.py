@@ -93,7 +93,7 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from rag_ray.retriever import shard_actor_class
+    from rag_ray.retriever import shard_actor_class, spread_options
 
     out = Path(cfg.out).resolve()
     if out.exists() and not cfg.overwrite:
@@ -101,8 +101,7 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
     info = encoder_info(cfg.encoder)
     params = _index_params(cfg)
     actor = shard_actor_class()
-    shards = [actor.options(scheduling_strategy="SPREAD").remote(info.dim, cfg.index_type, **params)
-              for _ in range(cfg.shards)]
+    shards = [actor.options(**opts).remote(info.dim, cfg.index_type, **params) for opts in spread_options(cfg.shards)]
     skips = ray.remote(num_cpus=0)(SkipCounter).remote()
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:

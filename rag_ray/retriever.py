@@ -23,6 +23,24 @@ MAX_BATCH = 4096
 MAX_K = 2048
 
 
+def spread_options(n: int) -> list[dict]:
+    """Actor options that place n shards round-robin over the cluster's worker nodes.
+
+    Ray's "SPREAD" strategy does not spread zero-CPU actors, so shards are pinned (softly: a dead
+    node's shard may restart elsewhere) with node affinity. Nodes that offer no CPU (a KubeRay
+    head started with num-cpus 0) are left out unless there is nothing else.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted((nd for nd in ray.nodes() if nd.get("Alive")), key=lambda nd: nd["NodeID"])
+    workers = [nd for nd in nodes if nd.get("Resources", {}).get("CPU", 0) > 0] or nodes
+    if len(workers) < 2:
+        return [{} for _ in range(n)]
+    return [{"scheduling_strategy": NodeAffinitySchedulingStrategy(workers[i % len(workers)]["NodeID"], soft=True)}
+            for i in range(n)]
+
+
 def shard_actor_class(num_cpus: float = 0.0):
     """IndexShard as a Ray actor. Zero logical CPUs by default: shard actors mostly wait, and on a
     small machine an actor that holds a whole CPU starves the tasks that feed it."""
@@ -60,11 +78,9 @@ class Retriever:
             manifest.check_query_encoder(query_encoder.name, query_encoder.dim,
                                          query_encoder.pooling, query_encoder.normalize)
         actor = shard_actor_class(num_cpus)
-        options = {"scheduling_strategy": "SPREAD"} if spread else {}
-        shards = [
-            actor.options(**options).remote(manifest.encoder.dim, manifest.index_type, **manifest.index_params)
-            for _ in manifest.shards
-        ]
+        placement = spread_options(manifest.shard_count) if spread else [{}] * manifest.shard_count
+        shards = [actor.options(**opts).remote(manifest.encoder.dim, manifest.index_type, **manifest.index_params)
+                  for opts in placement]
         # Each actor reads (and checksums) its own files: nothing funnels through the driver.
         try:
             ray.get([s.restore.remote(str(index_dir / info.directory), info.files)

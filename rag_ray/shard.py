@@ -154,10 +154,17 @@ class IndexShard:
         }
 
     def stats(self) -> dict:
-        import socket
+        """Size and placement (the Ray node id when running as an actor)."""
+        node = None
+        try:
+            import ray
 
-        return {"passages": len(self), "index_type": self.index_type, "dim": self.dim,
-                "node": socket.gethostname(), "pid": os.getpid()}
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        except ImportError:  # pragma: no cover
+            pass
+        return {"passages": len(self), "index_type": self.index_type, "dim": self.dim, "node_id": node,
+                "pid": os.getpid()}
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> dict[str, dict]:

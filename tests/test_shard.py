@@ -1,0 +1,104 @@
+"""IndexShard and the top-k merge with hand-made vectors, without Ray."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from rag_ray.shard import IndexShard, merge_topk
+
+
+def _shard(vectors, ids, index_type="flat", **kw) -> IndexShard:
+    shard = IndexShard(vectors.shape[1], index_type, **kw)
+    shard.add(ids, [i.split("::")[0] for i in ids], ["t"] * len(ids), [f"text {i}" for i in ids], vectors)
+    shard.finalize()
+    return shard
+
+
+def test_merge_equals_single_flat_index_and_drops_padding():
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(50, 8)).astype(np.float32)
+    ids = [f"d{i}::0" for i in range(50)]
+    parts = [[i for i in range(50) if i % 3 == s] for s in range(3)]
+    shards = [_shard(vecs[p], [ids[i] for i in p]) for p in parts]
+    queries = rng.normal(size=(4, 8)).astype(np.float32)
+    results = [s.search(queries, 10) for s in shards]
+    scores, shard_no, rows = merge_topk([r[0] for r in results], [r[1] for r in results], 10)
+    single = faiss.IndexFlatIP(8)
+    single.add(vecs)
+    ref_scores, ref_rows = single.search(queries, 10)
+    merged_ids = [[shards[s].passage_ids[r] for s, r in zip(srow, rrow)] for srow, rrow in zip(shard_no, rows)]
+    assert merged_ids == [[ids[r] for r in row] for row in ref_rows]
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+    # k larger than the corpus: every slot that FAISS pads with -1 is marked empty, never a hit.
+    small = [_shard(vecs[:2], ids[:2]), _shard(vecs[2:3], ids[2:3])]
+    res = [s.search(queries, 5) for s in small]
+    scores, shard_no, rows = merge_topk([r[0] for r in res], [r[1] for r in res], 5)
+    assert scores.shape == (4, 3) and (shard_no >= 0).all()
+
+
+def test_rows_are_sorted_so_builds_are_deterministic(tmp_path):
+    vecs = np.eye(8, dtype=np.float32)
+    ids = [f"d{i}::0" for i in range(8)]
+    a = IndexShard(8)
+    for part in (slice(4, 8), slice(0, 4)):  # rows arrive in the "wrong" order
+        a.add(ids[part], [i.split("::")[0] for i in ids[part]], ["t"] * 4, [f"text {i}" for i in ids[part]], vecs[part])
+    a.finalize()
+    b = _shard(vecs, ids)
+    assert a.passage_ids == b.passage_ids == sorted(ids)
+    fa, fb = a.save(tmp_path / "a"), b.save(tmp_path / "b")
+    assert fa == fb  # byte-identical files whatever the arrival order
+
+
+def test_duplicate_passage_ids_are_rejected():
+    shard = IndexShard(8)
+    shard.add(["x::0", "x::0"], ["x", "x"], ["t", "t"], ["a", "b"], np.eye(8, dtype=np.float32)[:2])
+    with pytest.raises(ValueError, match="duplicate passage_id 'x::0'"):
+        shard.finalize()
+
+
+def test_wrong_dimensions_are_rejected():
+    shard = _shard(np.eye(8, dtype=np.float32), [f"d{i}::0" for i in range(8)])
+    with pytest.raises(ValueError, match=r"shape \(batch, 8\)"):
+        shard.search(np.zeros((2, 7), np.float32), 3)
+    with pytest.raises(ValueError, match=r"expected vectors of shape \(1, 8\)"):
+        IndexShard(8).add(["a"], ["a"], ["t"], ["x"], np.zeros((1, 4), np.float32))
+
+
+def test_save_load_roundtrip_and_corruption(tmp_path):
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(30, 8)).astype(np.float32)
+    ids = [f"d{i}::0" for i in range(30)]
+    shard = _shard(vecs, ids)
+    files = shard.save(tmp_path / "s")
+    loaded = IndexShard.load(tmp_path / "s", 8, "flat", files=files)
+    q = rng.normal(size=(3, 8)).astype(np.float32)
+    for got, want in zip(loaded.search(q, 5), shard.search(q, 5)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(loaded.fetch([0, 5])["vectors"], vecs[[ids.index(loaded.passage_ids[0]), ids.index(loaded.passage_ids[5])]], atol=1e-2)
+    with open(tmp_path / "s" / "vectors.npy", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ValueError, match=r"index file corrupted: .*vectors.npy"):
+        IndexShard.load(tmp_path / "s", 8, "flat", files=files)
+    (tmp_path / "s" / "index.faiss").unlink()
+    with pytest.raises(ValueError, match=r"index file missing: .*index.faiss"):
+        IndexShard.load(tmp_path / "s", 8, "flat", files=files)
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivfpq"])
+def test_approximate_indexes_find_the_exact_neighbours_mostly(index_type):
+    rng = np.random.default_rng(2)
+    vecs = rng.normal(size=(4000, 32)).astype(np.float32)
+    ids = [f"d{i:05d}::0" for i in range(4000)]
+    shard = _shard(vecs, ids, index_type, nprobe=32)
+    q = vecs[:50] + 0.01 * rng.normal(size=(50, 32)).astype(np.float32)
+    _, rows = shard.search(q, 1)
+    found = [shard.passage_ids[r] for r in rows[:, 0]]
+    assert sum(f == ids[i] for i, f in enumerate(found)) >= 45
+
+
+def test_ivfpq_refuses_too_small_a_shard():
+    with pytest.raises(ValueError, match="ivfpq needs at least"):
+        _shard(np.eye(8, dtype=np.float32), [f"d{i}::0" for i in range(8)], "ivfpq")
