@@ -33,8 +33,11 @@ def _ray(args) -> None:
 # ----------------------------------------------------------------------------- index
 
 def cmd_index(args) -> int:
+    from rag_ray.datasets import resolve_data_path
     from rag_ray.indexing import build_index
 
+    if args.corpus:
+        args.corpus = [resolve_data_path(c) for c in args.corpus]
     overrides: dict = {k: v for k, v in {
         "corpus": args.corpus, "out": args.out, "shards": args.shards, "index_type": args.index_type,
         "format": args.format, "max_words": args.max_words, "on_error": args.on_error,
@@ -111,6 +114,30 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from rag_ray.config import TrainConfig
+    from rag_ray.training import run_training
+
+    overrides: dict = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = __import__("yaml").safe_load(value)
+    cfg = load_config(TrainConfig, args.config, overrides)
+    from rag_ray.runtime import init_ray
+
+    init_ray(address=args.address or cfg.ray.address, num_cpus=args.num_cpus or cfg.ray.num_cpus,
+             object_store_memory=cfg.ray.object_store_memory)
+    report = run_training(cfg)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        m = report["metrics"]
+        dev = ", ".join(f"{k}={v:.3f}" for k, v in m.items() if k.startswith("dev_") and isinstance(v, float))
+        print(f"trained {m.get('step')} steps in {report['wall_seconds']} s "
+              f"({m.get('samples_per_s', 0):.2f} samples/s); {dev}\nmodel: {report['model']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="embed a corpus with Ray Data into a sharded FAISS index")
     p.add_argument("--config", help="YAML IndexConfig (flags override it)")
-    p.add_argument("--corpus", nargs="+", help="corpus files or directories (jsonl, parquet, csv, tsv, SQuAD json)")
+    p.add_argument("--corpus", nargs="+", help="corpus files or directories (jsonl, parquet, csv, tsv, SQuAD json), or 'squad-open'")
     p.add_argument("--out", help="index directory to write")
     p.add_argument("--shards", type=int)
     p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"])
@@ -144,13 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-retrieval", help="recall@k of dense retrieval vs. BM25 on a question file")
     p.add_argument("--index", required=True)
-    p.add_argument("--questions", required=True, help="JSONL: {question, answers, doc_id} or {question, answer}")
+    p.add_argument("--questions", required=True, help="JSONL: {question, answers, doc_id} or {question, answer}; or squad-open:dev")
     p.add_argument("--limit", type=int, help="first N questions only")
     p.add_argument("--max-k", type=int, default=100)
     p.add_argument("--encoder", help="query encoder checkpoint (default: the index's passage encoder)")
     p.add_argument("--no-bm25", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)
+
+    p = sub.add_parser("train", help="joint RAG fine-tuning with Ray Train against a frozen index")
+    p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. jobs/configs/train_rag_sequence.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set max_steps=100")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -220,3 +220,76 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``rag-ray train``: joint fine-tuning of query encoder + generator against a frozen index.
+
+    ``max_steps`` bounds the run; ``max_minutes`` (optional) stops all workers at the same step
+    once the wall-clock budget is spent, which is how same-budget comparisons are made.
+    """
+
+    index: str | None = "indexes/squad-open"
+    train: str = "squad-open:train"
+    dev: str | None = "squad-open:dev"
+    init_from: str | None = None
+    query_encoder: str = DEFAULT_ENCODER
+    generator: str = DEFAULT_ENCODER
+    copy_head: bool | None = None
+    mode: Literal["sequence", "token", "closed_book"] = "sequence"
+    freeze_query_encoder: bool = False
+    n_docs: int = 5
+    batch_size: int = 8
+    lr: float = 1e-4
+    query_encoder_lr: float | None = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    log_every: int = 10
+    eval_every: int = 200
+    eval_questions: int = 200
+    eval_decoding: Literal["greedy", "beam", "thorough", "fast"] | None = None
+    eval_num_beams: int = 1
+    eval_max_new_tokens: int = 16
+    checkpoint_every: int = 200
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int | None = None
+    prefetch: bool = True
+    storage_path: str = "runs"
+    name: str = "rag-squad-open"
+    max_failures: int = 2
+    resume_from: str | None = None
+    report: str | None = None
+    log_retrievals: bool = False
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.mode != "closed_book" and not self.index:
+            problems.append(f"index: mode {self.mode!r} retrieves passages, give an index directory")
+        for name in ("n_docs", "batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every",
+                     "num_workers", "eval_num_beams", "eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"lr: must be > 0, got {self.lr}")
+        if self.eval_questions < 0 or self.warmup_steps < 0:
+            problems.append("eval_questions and warmup_steps must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            problems.append(f"max_minutes: must be > 0, got {self.max_minutes}")
+        decodings = {"sequence": ("thorough", "fast"), "token": ("greedy", "beam"), "closed_book": ("greedy", "beam")}
+        if self.eval_decoding and self.eval_decoding not in decodings[self.mode]:
+            problems.append(f"eval_decoding: {self.eval_decoding!r} does not apply to mode {self.mode!r} "
+                            f"(use one of {decodings[self.mode]})")
+        return problems

@@ -31,7 +31,7 @@ class QAExample:
 
 def read_questions(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
     """Read a JSONL question file; a bad line is a ValueError naming file, line and field."""
-    path = str(path)
+    path = resolve_data_path(str(path))
     if not os.path.isfile(path):
         raise ValueError(f"question file {path} does not exist")
     out: list[QAExample] = []
@@ -63,6 +63,19 @@ def read_questions(path: str | os.PathLike, limit: int | None = None) -> list[QA
     if not out:
         raise ValueError(f"question file {path} holds no questions")
     return out
+
+
+def resolve_data_path(name: str) -> str:
+    """``squad-open`` -> its corpus.jsonl, ``squad-open:train|dev`` -> that question file; other
+    strings are paths and pass through unchanged."""
+    if name == "squad-open":
+        return str(squad_open_dir() / "corpus.jsonl")
+    if name.startswith("squad-open:"):
+        split = name.split(":", 1)[1]
+        if split not in ("train", "dev"):
+            raise ValueError(f"unknown squad-open split {split!r}; use squad-open:train or squad-open:dev")
+        return str(squad_open_dir() / f"{split}.jsonl")
+    return name
 
 
 def squad_open_dir() -> Path:

@@ -102,10 +102,11 @@ class Encoder(torch.nn.Module):
         name_or_path: str = DEFAULT_ENCODER,
         pooling: Pooling | None = None,
         normalize: bool | None = None,
-        max_length: int = 256,
+        max_length: int | None = None,
         device: str | torch.device | None = None,
     ) -> "Encoder":
-        """Load any HF encoder checkpoint; pooling/normalisation default to the checkpoint's own."""
+        """Load any HF encoder checkpoint; pooling/normalisation default to the checkpoint's own,
+        and ``max_length`` (default 256) is capped at the model's position limit."""
         path = resolve_model_path(name_or_path)
         try:
             model = AutoModel.from_pretrained(path)
@@ -116,6 +117,12 @@ class Encoder(torch.nn.Module):
                 f"or a hub id available offline, or {DEFAULT_ENCODER!r} for the packaged MiniLM."
             ) from exc
         det_pooling, det_normalize = detect_pooling(path)
+        settings = Path(path) / _SETTINGS_FILE
+        if max_length is None:
+            max_length = json.loads(settings.read_text()).get("max_length", 256) if settings.is_file() else 256
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max_length > limit:
+            max_length = int(limit)
         enc = cls(
             model,
             tokenizer,
@@ -164,10 +171,21 @@ class Encoder(torch.nn.Module):
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """No-grad batched embedding -> float32 array [N, D]; texts are length-sorted per call
-        so each mini-batch pads to similar lengths, and returned in input order."""
+        so each mini-batch pads to similar lengths, and returned in input order.
+
+        Always in eval mode (no dropout), even mid-training: these vectors go to the index.
+        """
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._encode_sorted(texts, batch_size)
+        finally:
+            self.train(was_training)
+
+    def _encode_sorted(self, texts: list[str], batch_size: int) -> np.ndarray:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):

@@ -418,10 +418,10 @@ class Generator(nn.Module):
 
     def _fit_prompt(self, question: str, passage: PassageLike) -> str:
         prompt = self.format_prompt(question, passage)
-        n = len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        n = len(self.tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"])
         if n <= self.max_source_length:
             return prompt
-        text_ids = self.tokenizer(passage.text, add_special_tokens=False)["input_ids"]
+        text_ids = self.tokenizer(passage.text, add_special_tokens=False, verbose=False)["input_ids"]
         keep = max(0, len(text_ids) - (n - self.max_source_length) - 2)
         return self.format_prompt(question, passage, text=self.tokenizer.decode(text_ids[:keep]))
 

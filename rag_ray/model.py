@@ -560,20 +560,23 @@ class RagModel(nn.Module):
         if bos is not None and bool(gen_tokens[:, 0].eq(bos).all()):
             trans = trans[:, 1:]
         ll = trans.sum(1).view(k, num_beams)  # [K, beams]
-        keys: dict[str, int] = {}
-        table: list[list[float]] = []
+        rows: dict[tuple[int, ...], int] = {}  # hypothesis -> row in `table`
+        first_seen: list[int] = []  # hypothesis row -> index into seqs
+        table: list[list[float]] = []  # [C, K] log p(y|x,z), -inf where y is not in z's beam
         for z in range(k):
             for j in range(num_beams):
-                key = str(_strip(seqs[z * num_beams + j], gen.pad_token_id))
-                if key not in keys:
-                    keys[key] = z * num_beams + j
+                key = tuple(_strip(seqs[z * num_beams + j], gen.pad_token_id))
+                if key not in rows:
+                    rows[key] = len(table)
+                    first_seen.append(z * num_beams + j)
                     table.append([float("-inf")] * k)
-                table[list(keys).index(key)][z] = max(table[list(keys).index(key)][z], float(ll[z, j]))
+                r = rows[key]
+                table[r][z] = max(table[r][z], float(ll[z, j]))
         per_doc = torch.tensor(table, device=prior.device)  # [C, K]
         joint = per_doc + prior[None]
         marginal = joint.logsumexp(1)
         c = int(marginal.argmax())
-        return joint[c].log_softmax(0), list(keys.values())[c], marginal[c]
+        return joint[c].log_softmax(0), first_seen[c], marginal[c]
 
 
 def _strip(seq: torch.Tensor, pad_token_id: int) -> list[int]:

@@ -1,0 +1,30 @@
+"""SQuAD EM/F1, checked against hand-computed values."""
+
+import pytest
+
+from rag_ray.metrics import exact_match, f1_score, normalize_answer, squad_scores
+
+
+def test_normalisation_strips_case_punctuation_articles_space():
+    assert normalize_answer("  The  Eiffel-Tower!! ") == "eiffeltower"
+    assert normalize_answer("An apple, a pear") == "apple pear"
+
+
+def test_exact_match_any_gold():
+    assert exact_match("the United States", ["USA", "United States"]) == 1.0
+    assert exact_match("States", "United States") == 0.0
+
+
+def test_f1_partial_overlap():
+    # pred tokens: {united, states, army}, gold: {united, states}: P=2/3, R=1 -> F1=0.8
+    assert f1_score("the United States army", "United States") == pytest.approx(0.8)
+    assert f1_score("nothing", ["something else", "nothing at all"]) == pytest.approx(0.5)  # P=1, R=1/3
+    assert f1_score("", "") == 1.0 and f1_score("a", "b c") == 0.0
+
+
+def test_squad_scores_and_errors():
+    assert squad_scores(["Paris", "x"], [["paris"], ["y"]]) == {"em": 50.0, "f1": 50.0}
+    with pytest.raises(ValueError, match="2 predictions for 1 gold"):
+        squad_scores(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="at least one gold"):
+        exact_match("a", [])
