@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Callable
 
-from rag_ray.config import ConfigError, IndexConfig, load_config
+from rag_ray.config import IndexConfig, load_config
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -73,22 +73,31 @@ class IndexShard:
         return sum(len(p[0]) for p in self._pending)
 
     def finalize(self) -> int:
-        """Sort buffered rows by passage id, build the FAISS index; returns the row count."""
+        """Sort buffered rows by passage id, build the FAISS index; returns the row count.
+
+        Vectors are moved chunk by chunk into one sorted array (each buffered chunk is freed as it
+        is copied), so the peak is about one extra copy of the shard, not three.
+        """
         pids = [x for p in self._pending for x in p[0]]
         if len(set(pids)) != len(pids):
             seen: set[str] = set()
             dup = next(x for x in pids if x in seen or seen.add(x))
             raise ValueError(f"duplicate passage_id {dup!r}: document ids must be unique across the corpus")
-        order = sorted(range(len(pids)), key=pids.__getitem__)
-        cat = lambda j: [x for p in self._pending for x in p[j]]  # noqa: E731
+        order = np.array(sorted(range(len(pids)), key=pids.__getitem__), dtype=np.int64)
+        position = np.empty(len(pids), dtype=np.int64)
+        position[order] = np.arange(len(pids))
+        docs, titles, texts = ([x for p in self._pending for x in p[j]] for j in (1, 2, 3))
         self.passage_ids = [pids[i] for i in order]
-        docs, titles, texts = cat(1), cat(2), cat(3)
         self.doc_ids = [docs[i] for i in order]
         self.titles = [titles[i] for i in order]
         self.texts = [texts[i] for i in order]
-        vecs = (np.concatenate([p[4] for p in self._pending]) if self._pending
-                else np.zeros((0, self.dim), np.float32))[order]
-        self._pending = []
+        del pids, docs, titles, texts
+        vecs = np.empty((len(order), self.dim), dtype=np.float32)
+        offset = 0
+        while self._pending:
+            chunk = self._pending.pop(0)[4]
+            vecs[position[offset : offset + len(chunk)]] = chunk
+            offset += len(chunk)
         self.vectors = vecs.astype(np.float16)
         self.index = self._build(vecs)
         return len(self.passage_ids)
@@ -163,8 +172,10 @@ class IndexShard:
                 node = ray.get_runtime_context().get_node_id()
         except ImportError:  # pragma: no cover
             pass
+        import resource
+
         return {"passages": len(self), "index_type": self.index_type, "dim": self.dim, "node_id": node,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> dict[str, dict]:

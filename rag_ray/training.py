@@ -10,7 +10,6 @@ while the current batch computes. The passage encoder and the index stay frozen.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import time
@@ -19,14 +18,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from rag_ray.config import TrainConfig, load_config, to_dict
 from rag_ray.datasets import QAExample, read_questions
 from rag_ray.types import SearchResult
 
-log = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
@@ -148,33 +145,38 @@ def cycle_batches(shard, batch_size: int, seed: int) -> Iterator[dict]:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, retriever, examples: Sequence[dict], cfg: TrainConfig, batch_size: int = 16) -> dict:
-    """Dev EM / F1 of generated answers and recall@n_docs of the retrieved passages by gold doc."""
+    """Dev EM / F1 of generated answers, and recall@5 / recall@n_docs of the retrieved passages by
+    gold document (retrieval asks for max(5, n_docs); generation reads the first n_docs)."""
     from rag_ray.metrics import exact_match, f1_score
 
     model.eval()
-    em = f1 = hit = with_gold = 0.0
+    k = max(5, cfg.n_docs)
+    em = f1 = 0.0
+    hits = {5: 0, cfg.n_docs: 0}
+    with_gold = 0
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             rows = examples[i : i + batch_size]
             questions = [r["question"] for r in rows]
-            res = retrieve(model, retriever, questions, cfg.n_docs) if cfg.mode != "closed_book" else None
+            res = retrieve(model, retriever, questions, k) if cfg.mode != "closed_book" else None
             answers = model.generate(questions, res.hits if res else None, res.vectors if res else None,
                                      mode=cfg.mode, decoding=cfg.eval_decoding, num_beams=cfg.eval_num_beams,
-                                     max_new_tokens=cfg.eval_max_new_tokens)
+                                     max_new_tokens=cfg.eval_max_new_tokens, n_docs=cfg.n_docs)
             for j, (r, a) in enumerate(zip(rows, answers)):
                 golds = list(r["answers"])
                 em += exact_match(a.text, golds)
                 f1 += f1_score(a.text, golds)
                 if res is not None and r.get("doc_id"):
                     with_gold += 1
-                    hit += any(h.doc_id == r["doc_id"] for h in res.hits[j])
+                    for kk in hits:
+                        hits[kk] += any(h.doc_id == r["doc_id"] for h in res.hits[j][:kk])
     model.train()
     n = max(1, len(examples))
     out = {"dev_em": em / n, "dev_f1": f1 / n, "dev_questions": len(examples),
            "dev_seconds": round(time.perf_counter() - start, 1)}
     if with_gold:
-        out[f"dev_recall@{cfg.n_docs}"] = hit / with_gold
+        out.update({f"dev_recall@{kk}": v / with_gold for kk, v in hits.items()})
     return out
 
 
@@ -285,9 +287,10 @@ def train_loop_per_worker(config: dict) -> None:
         stop = _agree_to_stop(cfg, run_start, world, device)
         if rank == 0 and (step % cfg.log_every == 0 or step == 1):
             elapsed = time.perf_counter() - window_start
-            log.warning("step %d/%d loss %.4f | %.2f steps/s %.1f samples/s | lr %.2e", step, cfg.max_steps,
-                        window_loss / window_steps, window_steps / elapsed, window_steps * len(questions) * world / elapsed,
-                        scheduler.get_last_lr()[0])
+            # print, not logging: Ray forwards worker stdout to the driver and `ray job logs`.
+            print(f"[rag_ray.train] step {step}/{cfg.max_steps} loss {window_loss / window_steps:.4f} | "
+                  f"{window_steps / elapsed:.2f} steps/s {window_steps * len(questions) * world / elapsed:.1f} samples/s"
+                  f" | lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
         if step % cfg.checkpoint_every == 0 or step % cfg.eval_every == 0 or step >= cfg.max_steps or stop:
             wall = time.perf_counter() - run_start
             metrics = {"step": step, "loss": window_loss / max(1, window_steps), "samples": samples,
@@ -297,7 +300,8 @@ def train_loop_per_worker(config: dict) -> None:
             final = step >= cfg.max_steps or stop
             if rank == 0 and dev_rows and cfg.eval_questions and (step % cfg.eval_every == 0 or final):
                 metrics.update(evaluate(model, retriever, dev_rows[: cfg.eval_questions], cfg))
-                log.warning("eval at step %d: %s", step, {k: v for k, v in metrics.items() if k.startswith("dev_")})
+                print(f"[rag_ray.train] eval at step {step}: "
+                      f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_')} }", flush=True)
             if retrieval_log:
                 metrics["retrieval_log"] = retrieval_log
             with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from conftest import TOY_QUESTIONS, start_local_ray, write_jsonl
+from conftest import TOY_QUESTIONS, start_local_ray
 from rag_ray.cli import main
 from rag_ray.config import IndexConfig, load_config
 from rag_ray.indexing import build_index

@@ -1,0 +1,148 @@
+"""Embedding throughput: the Ray Data index build vs. the same encoder in one plain process.
+
+Both sides embed the same passages with the same EmbedPassages stage, batch size and torch
+threads; the baseline also builds the same FAISS Flat index, so the ratio is end to end:
+
+    python bench/bench_embed.py --corpus squad-open --threads 2 [--docs 1000] [--bf16]
+
+``--bf16`` also measures bf16 autocast speed and its recall cost on the dev questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from _common import RaySampler, emit, rss_mb  # noqa: E402
+
+
+def passages_for(corpus: str, docs: int | None):
+    from rag_ray.corpus import read_passages
+    from rag_ray.datasets import resolve_data_path
+
+    path = resolve_data_path(corpus)
+    if docs:
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if i >= docs:
+                    break
+                tmp.write(line)
+        tmp.close()
+        path = tmp.name
+    return path, read_passages(path)
+
+
+def plain(passages, encoder_cfg, threads: int, batch_rows: int, bf16: bool = False):
+    import faiss
+    import torch
+
+    from rag_ray.indexing import EmbedPassages
+
+    start = time.perf_counter()
+    stage = EmbedPassages(encoder_cfg, torch_threads=threads)
+    loaded = time.perf_counter()
+    vectors = []
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    with ctx:
+        for i in range(0, len(passages), batch_rows):
+            rows = passages[i : i + batch_rows]
+            batch = {"title": np.array([p.title for p in rows], dtype=object), "text": np.array([p.text for p in rows], dtype=object)}
+            vectors.append(stage(batch)["vector"])
+    vecs = np.concatenate(vectors).astype(np.float32)
+    embedded = time.perf_counter()
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(vecs)
+    end = time.perf_counter()
+    return {"seconds": end - start, "load_s": loaded - start, "embed_s": embedded - loaded,
+            "passages_per_s": len(passages) / (end - start), "embed_passages_per_s": len(passages) / (embedded - loaded),
+            "peak_rss_mb": rss_mb()}, vecs, stage.encoder
+
+
+def ray_pipeline(path: str, n_passages: int, threads: int, shards: int):
+    from rag_ray.config import IndexConfig, load_config
+    from rag_ray.indexing import build_index
+    from rag_ray.retriever import Retriever
+    from rag_ray.runtime import init_ray
+
+    init_ray(num_cpus=max(2, os.cpu_count() or 2))
+    out = tempfile.mkdtemp(prefix="bench_idx_")
+    cfg = load_config(IndexConfig, overrides={"corpus": [path], "out": out, "shards": shards, "overwrite": True,
+                                              "torch_threads": threads, "embedders": 1})
+    with RaySampler() as build_mem:
+        start = time.perf_counter()
+        manifest = build_index(cfg)
+        seconds = time.perf_counter() - start
+    assert manifest.passage_count == n_passages
+    with RaySampler() as load_mem:
+        t0 = time.perf_counter()
+        retriever = Retriever.load(out)
+        load_s = time.perf_counter() - t0
+    shard_rss = [s["max_rss_mb"] for s in retriever.stats()]
+    retriever.shutdown()
+    return {"seconds": seconds, "passages_per_s": n_passages / seconds,
+            "build_peak_total_rss_mb": build_mem.peak_total, "build_peak_single_worker_rss_mb": build_mem.peak_single,
+            "load_seconds": load_s, "load_peak_total_rss_mb": load_mem.peak_total, "shard_max_rss_mb": shard_rss,
+            "index_dir": out}
+
+
+def recall_cost(vecs32, vecs16, encoder, passages, dev: str, ks=(1, 5, 20)):
+    """recall@k by gold doc on dev questions: fp32 passage vectors vs. bf16-autocast ones."""
+    import faiss
+
+    from rag_ray.datasets import read_questions
+
+    qs = read_questions(dev)
+    q = encoder.encode([e.question for e in qs])
+    out = {}
+    for name, v in (("fp32", vecs32), ("bf16", vecs16)):
+        index = faiss.IndexFlatIP(v.shape[1])
+        index.add(v)
+        _, rows = index.search(q, max(ks))
+        for k in ks:
+            out[f"{name}_recall@{k}"] = float(np.mean([e.doc_id in {passages[r].doc_id for r in row[:k]} for e, row in zip(qs, rows)]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", default="squad-open")
+    parser.add_argument("--docs", type=int, help="first N documents only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--dev", default="squad-open:dev")
+    args = parser.parse_args()
+
+    from rag_ray.config import EncoderConfig
+
+    path, passages = passages_for(args.corpus, args.docs)
+    print(f"{len(passages)} passages from {path}; threads={args.threads}", flush=True)
+    base, vecs, encoder = plain(passages, EncoderConfig(), args.threads, batch_rows=256)
+    print(f"plain process: {base['passages_per_s']:.1f} passages/s end to end "
+          f"({base['embed_passages_per_s']:.1f}/s embedding only), peak RSS {base['peak_rss_mb']:.0f} MiB", flush=True)
+    ray_res = ray_pipeline(path, len(passages), args.threads, args.shards)
+    ratio = ray_res["passages_per_s"] / base["passages_per_s"]
+    print(f"ray data pipeline: {ray_res['passages_per_s']:.1f} passages/s end to end -> ratio {ratio:.2f}; "
+          f"build peak RSS {ray_res['build_peak_total_rss_mb']:.0f} MiB total, load {ray_res['load_seconds']:.1f} s", flush=True)
+    result = {"bench": "embed", "passages": len(passages), "threads": args.threads, "plain": base, "ray": ray_res,
+              "ratio_ray_over_plain": ratio}
+    if args.bf16:
+        bf, vecs16, _ = plain(passages, EncoderConfig(), args.threads, batch_rows=256, bf16=True)
+        result["bf16"] = {**bf, "speedup_embed": bf["embed_passages_per_s"] / base["embed_passages_per_s"],
+                          **recall_cost(vecs, vecs16, encoder, passages, args.dev)}
+        print(f"bf16 autocast: {result['bf16']['speedup_embed']:.2f}x embedding speed; recall "
+              + ", ".join(f"{k}={v:.3f}" for k, v in result["bf16"].items() if "recall" in k), flush=True)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
