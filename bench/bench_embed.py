@@ -41,9 +41,8 @@ def passages_for(corpus: str, docs: int | None):
     return path, read_passages(path)
 
 
-def plain(passages, encoder_cfg, threads: int, batch_rows: int, bf16: bool = False):
+def plain(passages, encoder_cfg, threads: int, batch_rows: int):
     import faiss
-    import torch
 
     from rag_ray.indexing import EmbedPassages
 
@@ -51,12 +50,10 @@ def plain(passages, encoder_cfg, threads: int, batch_rows: int, bf16: bool = Fal
     stage = EmbedPassages(encoder_cfg, torch_threads=threads)
     loaded = time.perf_counter()
     vectors = []
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-    with ctx:
-        for i in range(0, len(passages), batch_rows):
-            rows = passages[i : i + batch_rows]
-            batch = {"title": np.array([p.title for p in rows], dtype=object), "text": np.array([p.text for p in rows], dtype=object)}
-            vectors.append(stage(batch)["vector"])
+    for i in range(0, len(passages), batch_rows):
+        rows = passages[i : i + batch_rows]
+        batch = {"title": np.array([p.title for p in rows], dtype=object), "text": np.array([p.text for p in rows], dtype=object)}
+        vectors.append(stage(batch)["vector"])
     vecs = np.concatenate(vectors).astype(np.float32)
     embedded = time.perf_counter()
     index = faiss.IndexFlatIP(vecs.shape[1])
@@ -136,7 +133,7 @@ def main() -> None:
     result = {"bench": "embed", "passages": len(passages), "threads": args.threads, "plain": base, "ray": ray_res,
               "ratio_ray_over_plain": ratio}
     if args.bf16:
-        bf, vecs16, _ = plain(passages, EncoderConfig(), args.threads, batch_rows=256, bf16=True)
+        bf, vecs16, _ = plain(passages, EncoderConfig(precision="bf16"), args.threads, batch_rows=256)
         result["bf16"] = {**bf, "speedup_embed": bf["embed_passages_per_s"] / base["embed_passages_per_s"],
                           **recall_cost(vecs, vecs16, encoder, passages, args.dev)}
         print(f"bf16 autocast: {result['bf16']['speedup_embed']:.2f}x embedding speed; recall "

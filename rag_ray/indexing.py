@@ -41,10 +41,14 @@ class EmbedPassages:
             torch.set_num_threads(torch_threads)
         self.encoder = Encoder.from_pretrained(encoder.name, encoder.pooling, encoder.normalize, encoder.max_length)
         self.batch_size = encoder.batch_size
+        self.bf16 = encoder.precision == "bf16"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         texts = [f"{t} {x}" if t else str(x) for t, x in zip(batch["title"], batch["text"])]
-        batch["vector"] = self.encoder.encode(texts, batch_size=self.batch_size)
+        with torch.autocast(self.encoder.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            batch["vector"] = self.encoder.encode(texts, batch_size=self.batch_size)
         return batch
 
 
@@ -133,7 +137,8 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
             encoder=info, index_type=cfg.index_type, index_params=params,
             shards=[ShardInfo(f"shard-{i:05d}", int(n), f) for i, (n, f) in enumerate(zip(counts, files))],
             passage_count=int(sum(counts)),
-            corpus={"paths": [str(p) for p in cfg.corpus], "max_words": cfg.max_words, "skipped_rows": skipped,
+            corpus={"paths": [str(p) for p in cfg.corpus], "max_words": cfg.max_words,
+                    "precision": cfg.encoder.precision, "skipped_rows": skipped,
                     "skipped_examples": examples, "embed_seconds": round(elapsed, 2)},
         )
         manifest.write(tmp)

@@ -148,7 +148,7 @@ def test_malformed_corpus_fails_with_file_and_line_or_is_skipped(ray_local, toy_
 
 def test_cli_index_search_eval_json(ray_local, toy_corpus, toy_questions, tmp_path, capsys):
     out = tmp_path / "cli_idx"
-    assert main(["index", "--corpus", toy_corpus, "--out", str(out), "--shards", "2", "--json"]) == 0
+    assert main(["index", "--corpus", toy_corpus, "--out", str(out), "--shards", "2", "--bf16", "--json"]) == 0
     built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert built["passages"] == 9 and built["shards"] == 2
     assert main(["index", "--corpus", toy_corpus, "--out", str(out)]) == 2
