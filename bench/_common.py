@@ -50,3 +50,18 @@ class RaySampler:
 
 def emit(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
+
+
+class Passage:
+    """Just the two fields prompts use (title, text); what retrieval returns also fits."""
+
+    __slots__ = ("title", "text")
+
+    def __init__(self, title: str, text: str) -> None:
+        self.title, self.text = title, text
+
+
+def read_jsonl(path) -> list[dict]:
+    from pathlib import Path
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

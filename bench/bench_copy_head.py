@@ -24,16 +24,7 @@ from rag_ray.generator import Generator
 from rag_ray.metrics import exact_match, f1_score
 from rag_ray.model import rag_token_nll
 
-
-class Passage:
-    __slots__ = ("title", "text")
-
-    def __init__(self, title: str, text: str) -> None:
-        self.title, self.text = title, text
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from _common import Passage, read_jsonl  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def train_arm(args, copy_head: bool, train: list[dict], corpus: dict[str, Passage]) -> tuple[Generator, dict]:

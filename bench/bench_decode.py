@@ -25,18 +25,9 @@ import torch
 
 from rag_ray.model import RagModel
 
+from _common import Passage, read_jsonl  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 MODES = [("token", "greedy"), ("token", "beam"), ("sequence", "thorough"), ("sequence", "fast")]
-
-
-class Passage:
-    __slots__ = ("title", "text")
-
-    def __init__(self, title: str, text: str) -> None:
-        self.title, self.text = title, text
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main() -> None:

@@ -24,6 +24,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _set_overrides(items: list[str] | None) -> dict:
+    """``--set key.sub=value`` flags -> {"key.sub": value}, values parsed as YAML (numbers, lists, null)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set shards=4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _ray(args) -> None:
     from rag_ray.runtime import init_ray
 
@@ -44,9 +57,7 @@ def cmd_index(args) -> int:
         "embedders": args.embedders, "overwrite": args.overwrite or None, "encoder.name": args.encoder,
         "encoder.batch_size": args.batch_size, "encoder.precision": "bf16" if args.bf16 else None,
     }.items() if v is not None}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = __import__("yaml").safe_load(value)
+    overrides.update(_set_overrides(args.set))
     cfg = load_config(IndexConfig, args.config, overrides)
     _ray(args)
     start = time.perf_counter()
@@ -118,11 +129,7 @@ def cmd_train(args) -> int:
     from rag_ray.config import TrainConfig
     from rag_ray.training import run_training
 
-    overrides: dict = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = __import__("yaml").safe_load(value)
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = load_config(TrainConfig, args.config, _set_overrides(args.set))
     from rag_ray.runtime import init_ray
 
     init_ray(address=args.address or cfg.ray.address, num_cpus=args.num_cpus or cfg.ray.num_cpus,
@@ -181,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_retrieval)
 
     p = sub.add_parser("train", help="joint RAG fine-tuning with Ray Train against a frozen index")
-    p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. jobs/configs/train_rag_sequence.yaml")
+    p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. jobs/configs/train_squad_open_cpu.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set max_steps=100")
     _add_common(p)
     p.set_defaults(func=cmd_train)

@@ -85,6 +85,16 @@ def test_two_workers_lower_the_loss_write_a_checkpoint_and_resume(setup):
     assert resumed["metrics"]["resumed_from_step"] == 24 and resumed["metrics"]["step"] == 30
 
 
+def registered_checkpoints(run_dir: Path) -> list:
+    import json
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []
+
+
 def test_killed_worker_recovers_from_the_last_checkpoint(setup):
     import os
     import signal
@@ -107,8 +117,9 @@ def test_killed_worker_recovers_from_the_last_checkpoint(setup):
         run_dir = root / "runs" / "chaos"
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            # Two checkpoint folders on disk: the first is surely registered with Ray Train by now.
-            if run_dir.exists() and sum(p.name.startswith("checkpoint_") for p in run_dir.iterdir()) >= 2:
+            # Kill only once the controller has registered a checkpoint (its snapshot lists one);
+            # a checkpoint folder on disk alone may not be registered yet.
+            if registered_checkpoints(run_dir):
                 # Ray titles actor processes "ray::RayTrainWorker...": kill one train worker.
                 workers = [p.pid for p in psutil.process_iter(["cmdline"])
                            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
