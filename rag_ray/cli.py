@@ -1,4 +1,4 @@
-"""``rag-ray``: index, search and evaluate from the shell; ``--json`` for scripts.
+"""``rag-ray``: index, search, evaluate and train from the shell; ``--json`` for scripts.
 
 Every subcommand builds a typed config, calls one library function, and prints. A user error
 anywhere (a malformed corpus row inside a Ray task included) ends as one line naming the problem
@@ -125,6 +125,33 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def cmd_eval_qa(args) -> int:
+    from rag_ray.datasets import read_questions
+    from rag_ray.evaluation import evaluate_qa
+    from rag_ray.model import RagModel
+    from rag_ray.retriever import Retriever
+
+    examples = read_questions(args.questions, limit=args.limit)
+    model = RagModel.from_pretrained(args.model)
+    mode = args.mode or model.config.mode
+    n_docs = args.n_docs or model.config.n_docs
+    retriever = None
+    if mode != "closed_book":
+        if not args.index:
+            raise ValueError(f"mode {mode!r} retrieves passages: give --index")
+        _ray(args)
+        retriever = Retriever.load(args.index, query_encoder=model.query_encoder)
+    rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
+    report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=args.decoding,
+                         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    report.update({"model": args.model, "mode": mode, "n_docs": n_docs})
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()))
+    return 0
+
+
 def cmd_train(args) -> int:
     from rag_ray.config import TrainConfig
     from rag_ray.training import run_training
@@ -186,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bm25", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)
+
+    p = sub.add_parser("eval-qa", help="EM / F1 / answer NLL / recall of a trained RAG model on a question file")
+    p.add_argument("--model", required=True, help="a saved RagModel directory (a checkpoint's model/)")
+    p.add_argument("--index", help="index directory (not needed for --mode closed_book)")
+    p.add_argument("--questions", required=True, help="JSONL question file, or squad-open:dev")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--mode", choices=["sequence", "token", "closed_book"], help="default: the model's own")
+    p.add_argument("--n-docs", type=int)
+    p.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"])
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    _add_common(p)
+    p.set_defaults(func=cmd_eval_qa)
 
     p = sub.add_parser("train", help="joint RAG fine-tuning with Ray Train against a frozen index")
     p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. jobs/configs/train_squad_open_cpu.yaml")

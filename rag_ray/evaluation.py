@@ -14,6 +14,7 @@ from typing import Sequence
 
 
 from rag_ray.datasets import QAExample
+from rag_ray.types import SearchResult
 from rag_ray.manifest import IndexManifest
 from rag_ray.metrics import normalize_answer
 
@@ -111,3 +112,60 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+# ----------------------------------------------------------------------------- answers
+
+def retrieve(model, retriever, questions: Sequence[str], k: int) -> SearchResult:
+    """Top-k passages for questions under the model's current query encoder (no gradient: the
+    index side is frozen; training recomputes q·d with gradient from the returned vectors)."""
+    q = model.query_encoder.encode(list(questions), batch_size=len(questions))
+    return retriever.search(q, k)
+
+
+def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
+                num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+    """Dev metrics of a RAG model on rows {question, answers, doc_id}:
+
+    EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
+    gold answer under the model's own marginalisation (closed-book: the generator alone), and
+    recall@5 / recall@n_docs of the retrieved passages by gold document (retrieval asks for
+    max(5, n_docs) passages; the model reads the first n_docs).
+    """
+    import torch
+
+    from rag_ray.metrics import exact_match, f1_score
+
+    was_training = model.training
+    model.eval()
+    k = max(5, n_docs)
+    em = f1 = nll = 0.0
+    hits = {5: 0, n_docs: 0}
+    with_gold = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            rows = examples[i : i + batch_size]
+            questions = [r["question"] for r in rows]
+            res = retrieve(model, retriever, questions, k) if mode != "closed_book" else None
+            passages, vectors = (res.hits, res.vectors) if res else (None, None)
+            answers = model.generate(questions, passages, vectors, mode=mode, decoding=decoding, num_beams=num_beams,
+                                     max_new_tokens=max_new_tokens, n_docs=n_docs)
+            out = model.loss(questions, [list(r["answers"])[0] for r in rows], passages, vectors, mode=mode,
+                             n_docs=n_docs)
+            nll += float(out.nll.sum())
+            for j, (r, a) in enumerate(zip(rows, answers)):
+                golds = list(r["answers"])
+                em += exact_match(a.text, golds)
+                f1 += f1_score(a.text, golds)
+                if res is not None and r.get("doc_id"):
+                    with_gold += 1
+                    for kk in hits:
+                        hits[kk] += any(h.doc_id == r["doc_id"] for h in res.hits[j][:kk])
+    model.train(was_training)
+    n = max(1, len(examples))
+    out = {"dev_em": em / n, "dev_f1": f1 / n, "dev_nll": nll / n, "dev_questions": len(examples),
+           "dev_seconds": round(time.perf_counter() - start, 1)}
+    if with_gold:
+        out.update({f"dev_recall@{kk}": v / with_gold for kk, v in hits.items()})
+    return out

@@ -22,6 +22,7 @@ import torch
 
 from rag_ray.config import TrainConfig, load_config, to_dict
 from rag_ray.datasets import QAExample, read_questions
+from rag_ray.evaluation import evaluate_qa, retrieve
 from rag_ray.types import SearchResult
 
 
@@ -82,13 +83,6 @@ class LossModule(torch.nn.Module):
 
 # ----------------------------------------------------------------------------- retrieval
 
-def retrieve(model, retriever, questions: Sequence[str], k: int) -> SearchResult:
-    """Top-k passages for questions under the current query encoder (no gradient: the index side
-    is frozen; the loss recomputes q·d with gradient from the returned vectors)."""
-    q = model.query_encoder.encode(list(questions), batch_size=len(questions))
-    return retriever.search(q, k)
-
-
 class Prefetcher:
     """Runs the retrieval of batch t+1 on a thread while batch t computes (Ray calls release the
     GIL while they wait, so shard search overlaps the local forward/backward)."""
@@ -143,42 +137,6 @@ def cycle_batches(shard, batch_size: int, seed: int) -> Iterator[dict]:
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def evaluate(model, retriever, examples: Sequence[dict], cfg: TrainConfig, batch_size: int = 16) -> dict:
-    """Dev EM / F1 of generated answers, and recall@5 / recall@n_docs of the retrieved passages by
-    gold document (retrieval asks for max(5, n_docs); generation reads the first n_docs)."""
-    from rag_ray.metrics import exact_match, f1_score
-
-    model.eval()
-    k = max(5, cfg.n_docs)
-    em = f1 = 0.0
-    hits = {5: 0, cfg.n_docs: 0}
-    with_gold = 0
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            rows = examples[i : i + batch_size]
-            questions = [r["question"] for r in rows]
-            res = retrieve(model, retriever, questions, k) if cfg.mode != "closed_book" else None
-            answers = model.generate(questions, res.hits if res else None, res.vectors if res else None,
-                                     mode=cfg.mode, decoding=cfg.eval_decoding, num_beams=cfg.eval_num_beams,
-                                     max_new_tokens=cfg.eval_max_new_tokens, n_docs=cfg.n_docs)
-            for j, (r, a) in enumerate(zip(rows, answers)):
-                golds = list(r["answers"])
-                em += exact_match(a.text, golds)
-                f1 += f1_score(a.text, golds)
-                if res is not None and r.get("doc_id"):
-                    with_gold += 1
-                    for kk in hits:
-                        hits[kk] += any(h.doc_id == r["doc_id"] for h in res.hits[j][:kk])
-    model.train()
-    n = max(1, len(examples))
-    out = {"dev_em": em / n, "dev_f1": f1 / n, "dev_questions": len(examples),
-           "dev_seconds": round(time.perf_counter() - start, 1)}
-    if with_gold:
-        out.update({f"dev_recall@{kk}": v / with_gold for kk, v in hits.items()})
-    return out
-
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -299,7 +257,10 @@ def train_loop_per_worker(config: dict) -> None:
                        **{f"time_{k}_s": round(v, 2) for k, v in timings.items()}}
             final = step >= cfg.max_steps or stop
             if rank == 0 and dev_rows and cfg.eval_questions and (step % cfg.eval_every == 0 or final):
-                metrics.update(evaluate(model, retriever, dev_rows[: cfg.eval_questions], cfg))
+                metrics.update(evaluate_qa(model, retriever if cfg.mode != "closed_book" else None,
+                                           dev_rows[: cfg.eval_questions], mode=cfg.mode, n_docs=cfg.n_docs,
+                                           decoding=cfg.eval_decoding, num_beams=cfg.eval_num_beams,
+                                           max_new_tokens=cfg.eval_max_new_tokens))
                 print(f"[rag_ray.train] eval at step {step}: "
                       f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_')} }", flush=True)
             if retrieval_log:

@@ -85,6 +85,22 @@ def test_two_workers_lower_the_loss_write_a_checkpoint_and_resume(setup):
     assert resumed["metrics"]["resumed_from_step"] == 24 and resumed["metrics"]["step"] == 30
 
 
+def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
+    import json
+
+    from rag_ray.cli import main
+
+    root, questions = setup
+    init = str(root / "init_model")
+    assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
+                 "--limit", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dev_questions"] == 5 and report["mode"] == "sequence" and report["n_docs"] == 2
+    assert 0 <= report["dev_em"] <= 1 and report["dev_nll"] > 0 and 0 <= report["dev_recall@5"] <= 1
+    assert main(["eval-qa", "--model", init, "--questions", questions]) == 2
+    assert "give --index" in capsys.readouterr().err
+
+
 def registered_checkpoints(run_dir: Path) -> list:
     import json
 
