@@ -73,7 +73,8 @@ def main() -> None:
     storage = tempfile.mkdtemp(prefix="bench_train_")
     common = {"index": args.index, "train": args.train, "dev": None, "eval_questions": 0, "init_from": args.init_from,
               "n_docs": args.n_docs, "batch_size": args.batch_size, "max_steps": args.steps,
-              "checkpoint_every": 10**6, "eval_every": 10**6, "storage_path": storage, "max_failures": 0}
+              "checkpoint_every": 10**6, "eval_every": 10**6, "storage_path": storage, "max_failures": 0,
+              "shuffle": False}  # both sides read the training questions in file order: identical batches
     cfg = load_config(TrainConfig, overrides={**common, "torch_threads": args.threads})
     retriever = Retriever.load(args.index)
     base = plain_loop(cfg, retriever)

@@ -266,6 +266,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     torch_threads: int | None = None
     prefetch: bool = True
+    shuffle: bool = True
     storage_path: str = "runs"
     name: str = "rag-squad-open"
     max_failures: int = 2

@@ -120,14 +120,15 @@ def qa_rows(examples: Sequence[QAExample]) -> list[dict]:
              "doc_id": e.doc_id or ""} for e in examples if e.answers]
 
 
-def cycle_batches(shard, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless batches from this worker's dataset shard, reshuffled locally each epoch."""
+def cycle_batches(shard, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[dict]:
+    """Endless batches from this worker's dataset shard, reshuffled locally each epoch (or in
+    file order with ``shuffle=False``, which benchmarks use to feed identical batches)."""
     epoch = 0
     while True:
         n = 0
+        shuffling = {"local_shuffle_buffer_size": max(4 * batch_size, 256), "local_shuffle_seed": seed + epoch}
         for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
-                                        local_shuffle_buffer_size=max(4 * batch_size, 256),
-                                        local_shuffle_seed=seed + epoch):
+                                        **(shuffling if shuffle else {})):
             n += 1
             yield batch
         if n == 0:
@@ -202,7 +203,8 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     ddp = ray.train.torch.prepare_model(LossModule(model), parallel_strategy_kwargs={"find_unused_parameters": True})
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed + step + 1000 * rank)
+    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed + step + 1000 * rank,
+                            cfg.shuffle)
     prefetch = Prefetcher(model, retriever if cfg.mode != "closed_book" else None, cfg.n_docs, cfg.prefetch)
 
     timings = {"retrieve": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -321,6 +323,8 @@ def run_training(cfg: TrainConfig) -> dict:
     dev = read_questions(cfg.dev, limit=cfg.eval_questions or None) if cfg.dev and cfg.eval_questions else []
     retriever = Retriever.load(cfg.index) if cfg.mode != "closed_book" else None
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    if not cfg.shuffle:  # file order end to end: Ray Data may otherwise interleave blocks
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "retriever": retriever,
