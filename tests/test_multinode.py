@@ -18,9 +18,29 @@ def two_node_cluster():
     cluster.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    _wait_until_schedulable_on_every_node()
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def _wait_until_schedulable_on_every_node(timeout_s: float = 60.0) -> None:
+    """The GCS lists a new node before the head's raylet can place work on it; until then a soft
+    node-affinity request silently falls back to the head. Wait until each node takes a task."""
+    import time
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    deadline = time.monotonic() + timeout_s
+    for node in (nd["NodeID"] for nd in ray.nodes() if nd["Alive"]):
+        strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+        while ray.get(where.options(scheduling_strategy=strategy).remote()) != node:
+            assert time.monotonic() < deadline, f"node {node} never became schedulable"
+            time.sleep(0.2)
 
 
 def test_index_shards_live_on_different_nodes_and_search_merges(two_node_cluster, tmp_path):
