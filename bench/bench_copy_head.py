@@ -34,7 +34,11 @@ def train_arm(args, copy_head: bool, train: list[dict], corpus: dict[str, Passag
         max_target_length=args.max_target_length, device="cpu",
     )
     gen.train()
-    opt = torch.optim.AdamW(gen.parameters(), lr=args.lr, weight_decay=0.01)
+    head = [p for n, p in gen.named_parameters() if n.startswith("model.") and not n.startswith("model.base.")]
+    head_ids = {id(p) for p in head}
+    rest = [p for p in gen.parameters() if id(p) not in head_ids]
+    groups = [{"params": rest, "lr": args.lr}] + ([{"params": head, "lr": args.head_lr or args.lr}] if head else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     rng = random.Random(args.seed)
     order = list(range(len(train)))
     rng.shuffle(order)
@@ -45,9 +49,10 @@ def train_arm(args, copy_head: bool, train: list[dict], corpus: dict[str, Passag
         rows = [train[i] for i in idx]
         inputs = gen.build_inputs([r["question"] for r in rows], [[corpus[r["doc_id"]]] for r in rows])
         target = gen.build_targets([r["answers"][0] for r in rows])
-        logits = gen(inputs["input_ids"], inputs["attention_mask"], target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = gen(inputs["input_ids"], inputs["attention_mask"], target)
         zero = torch.zeros(len(rows), 1)
-        loss = rag_token_nll(logits, zero, target, gen.pad_token_id).mean()
+        loss = rag_token_nll(logits.float(), zero, target, gen.pad_token_id).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
@@ -85,10 +90,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0, help="training wall-clock budget per arm")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--head-lr", type=float, default=None, help="learning rate of the copy head (default: --lr)")
     ap.add_argument("--max-source-length", type=int, default=256)
     ap.add_argument("--max-target-length", type=int, default=16)
     ap.add_argument("--dev-questions", type=int, default=300)
     ap.add_argument("--eval-batch-size", type=int, default=32)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast in training (1.4x faster on AVX512-BF16 CPUs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default="plain,copy", help="comma list of plain,copy")
@@ -99,7 +106,7 @@ def main() -> None:
     train = read_jsonl(data / "train.jsonl")
     dev = read_jsonl(data / "dev.jsonl")[: args.dev_questions]
     result = {"bench": "copy_head", "minutes_per_arm": args.minutes, "batch_size": args.batch_size, "lr": args.lr,
-              "max_source_length": args.max_source_length, "dev_questions": len(dev), "threads": args.threads}
+              "max_source_length": args.max_source_length, "bf16": args.bf16, "dev_questions": len(dev), "threads": args.threads}
     for arm in args.arms.split(","):
         gen, stats = train_arm(args, arm == "copy", train, corpus)
         t0 = time.perf_counter()

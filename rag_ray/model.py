@@ -316,8 +316,10 @@ class RagModel(nn.Module):
     # -- retrieval posterior -----------------------------------------------------------------
 
     def doc_scores(self, question_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
-        """q·d for each retrieved passage: [B, D], [B, K, D] -> [B, K] (differentiable in q)."""
-        return torch.bmm(question_vectors.unsqueeze(1), doc_vectors.transpose(1, 2)).squeeze(1)
+        """q·d for each retrieved passage: [B, D], [B, K, D] -> [B, K] (differentiable in q).
+        Always fp32, also under autocast: p(z|x) is a softmax over close scores."""
+        with torch.autocast(question_vectors.device.type, enabled=False):
+            return torch.bmm(question_vectors.float().unsqueeze(1), doc_vectors.float().transpose(1, 2)).squeeze(1)
 
     def _prepare(
         self,
@@ -402,7 +404,7 @@ class RagModel(nn.Module):
         target = gen.build_targets(answers)
         inputs = gen.build_inputs(questions, rows)
         k = 1 if scores is None else scores.shape[1]
-        logits = gen(inputs["input_ids"], inputs["attention_mask"], target.repeat_interleave(k, 0))
+        logits = gen(inputs["input_ids"], inputs["attention_mask"], target.repeat_interleave(k, 0)).float()
         if scores is None:
             zero = torch.zeros(len(questions), 1, device=logits.device)
             nll = rag_token_nll(logits, zero, target, gen.pad_token_id, eps)

@@ -23,7 +23,7 @@ import torch
 from rag_ray.config import TrainConfig, load_config, to_dict
 from rag_ray.datasets import QAExample, read_questions
 from rag_ray.evaluation import evaluate_qa, retrieve
-from rag_ray.types import SearchResult
+from rag_ray.types import Passage, SearchResult
 
 
 TRAIN_STATE = "train_state.pt"
@@ -36,7 +36,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
     """The RagModel to train: from a saved model directory, or fresh from checkpoints."""
     from rag_ray.model import RagModel
 
-    common = {"mode": cfg.mode, "n_docs": cfg.n_docs, "label_smoothing": cfg.label_smoothing}
+    common = {"mode": model_mode(cfg.mode), "n_docs": cfg.n_docs, "label_smoothing": cfg.label_smoothing}
     if cfg.init_from:
         model = RagModel.from_pretrained(cfg.init_from, device=device)
         model.config = type(model.config)(**{**asdict(model.config), **common})
@@ -47,15 +47,26 @@ def build_model(cfg: TrainConfig, device: torch.device):
         model.generator.max_source_length = cfg.max_source_length
     if cfg.max_target_length:
         model.generator.max_target_length = cfg.max_target_length
-    if cfg.freeze_query_encoder or cfg.mode == "closed_book":
+    if cfg.freeze_query_encoder or cfg.mode in ("closed_book", "reader"):
         model.query_encoder.requires_grad_(False)
     return model
 
 
+def model_mode(train_mode: str) -> str:
+    """The RagModel mode a training mode produces: a reader is used (and evaluated) as RAG-Sequence."""
+    return "sequence" if train_mode == "reader" else train_mode
+
+
 def build_optimizer(model, cfg: TrainConfig):
-    """AdamW with a smaller learning rate for the query encoder (it starts well trained) and
-    linear warm-up then linear decay to zero at ``max_steps``."""
-    groups = [{"params": [p for p in model.generator.parameters() if p.requires_grad], "lr": cfg.lr}]
+    """AdamW with a smaller learning rate for the query encoder (it starts well trained), an
+    optionally larger one for the copy head (new weights), and linear warm-up then linear decay
+    to zero at ``max_steps``."""
+    head = [p for n, p in model.generator.model.named_parameters() if not n.startswith("base.") and p.requires_grad]
+    head_ids = {id(p) for p in head} if model.generator.copy_head else set()
+    groups = [{"params": [p for p in model.generator.parameters() if p.requires_grad and id(p) not in head_ids],
+               "lr": cfg.lr}]
+    if head_ids:  # the copy head starts from random weights
+        groups.append({"params": head, "lr": cfg.copy_head_lr or cfg.lr})
     q_params = [p for p in model.query_encoder.parameters() if p.requires_grad]
     if q_params:
         groups.append({"params": q_params, "lr": cfg.query_encoder_lr or cfg.lr})
@@ -76,8 +87,9 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, questions, answers, passages, doc_vectors, question_vectors=None):
-        out = self.model.loss(questions, answers, passages, doc_vectors, question_vectors=question_vectors)
+    def forward(self, questions, answers, passages, doc_vectors, question_vectors=None, n_docs=None):
+        out = self.model.loss(questions, answers, passages, doc_vectors, question_vectors=question_vectors,
+                              n_docs=n_docs)
         return out.loss, out.doc_log_prior.detach()
 
 
@@ -118,6 +130,29 @@ def qa_rows(examples: Sequence[QAExample]) -> list[dict]:
     """Training rows: the first gold answer is the target; all answers are kept for scoring."""
     return [{"question": e.question, "answer": e.answers[0], "answers": json.dumps(list(e.answers)),
              "doc_id": e.doc_id or ""} for e in examples if e.answers]
+
+
+def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
+    """Reader rows: each question's gold passage (title, text), the passage of its doc_id that
+    contains its answer, cut exactly as the index cuts documents. Rows whose doc_id is unknown or
+    whose answer is in none of the doc's passages (it straddles a cut) are dropped and counted."""
+    from rag_ray.corpus import expand_paths, read_passages
+    from rag_ray.datasets import resolve_data_path
+
+    by_doc: dict[str, list] = {}
+    for path in expand_paths(resolve_data_path(corpus)):
+        for passage in read_passages(path):
+            by_doc.setdefault(passage.doc_id, []).append(passage)
+    out = []
+    for row in rows:
+        answer = row["answer"].lower()
+        gold = next((p for p in by_doc.get(row["doc_id"], []) if answer in p.text.lower()), None)
+        if gold is not None:
+            out.append({**row, "title": gold.title, "text": gold.text})
+    if not out:
+        raise ValueError(f"mode 'reader': no training question has a gold passage in {corpus} (questions need "
+                         "a doc_id that is a document id of the corpus)")
+    return out, len(rows) - len(out)
 
 
 def cycle_batches(shard, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[dict]:
@@ -205,7 +240,8 @@ def train_loop_per_worker(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed + step + 1000 * rank,
                             cfg.shuffle)
-    prefetch = Prefetcher(model, retriever if cfg.mode != "closed_book" else None, cfg.n_docs, cfg.prefetch)
+    prefetch = Prefetcher(model, retriever if cfg.mode in ("sequence", "token") else None, cfg.n_docs, cfg.prefetch)
+    zero_q = torch.zeros(cfg.batch_size, model.query_encoder.dim, device=device)
 
     timings = {"retrieve": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -224,7 +260,14 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.log_retrievals and rank == 0 and result is not None and len(retrieval_log) < 5:
             retrieval_log.append({"step": step, "questions": questions,
                                   "passage_ids": [[h.passage_id for h in hits] for hits in result.hits]})
-        loss, _ = ddp(questions, answers, result.hits if result else None, result.vectors if result else None)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            if cfg.mode == "reader":  # one gold passage per question: p(z|x) = 1, the loss is the generator's
+                gold = [[Passage("", "", str(t), str(x))] for t, x in zip(batch["title"], batch["text"])]
+                loss, _ = ddp(questions, answers, gold, zero_q[: len(questions), None], zero_q[: len(questions)],
+                              n_docs=1)
+            else:
+                loss, _ = ddp(questions, answers, result.hits if result else None,
+                              result.vectors if result else None)
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,7 +303,7 @@ def train_loop_per_worker(config: dict) -> None:
             final = step >= cfg.max_steps or stop
             if rank == 0 and dev_rows and cfg.eval_questions and (step % cfg.eval_every == 0 or final):
                 metrics.update(evaluate_qa(model, retriever if cfg.mode != "closed_book" else None,
-                                           dev_rows[: cfg.eval_questions], mode=cfg.mode, n_docs=cfg.n_docs,
+                                           dev_rows[: cfg.eval_questions], mode=model_mode(cfg.mode), n_docs=cfg.n_docs,
                                            decoding=cfg.eval_decoding, num_beams=cfg.eval_num_beams,
                                            max_new_tokens=cfg.eval_max_new_tokens))
                 print(f"[rag_ray.train] eval at step {step}: "
@@ -298,7 +341,7 @@ def check_index_compatibility(cfg: TrainConfig) -> None:
     from rag_ray.encoders import detect_pooling, resolve_model_path
     from rag_ray.manifest import IndexManifest
 
-    if cfg.mode == "closed_book":
+    if cfg.mode == "closed_book" or not cfg.index:
         return
     manifest = IndexManifest.read(cfg.index)
     path = str(Path(cfg.init_from) / "query_encoder") if cfg.init_from else resolve_model_path(cfg.query_encoder)
@@ -319,9 +362,15 @@ def run_training(cfg: TrainConfig) -> dict:
     from rag_ray.retriever import Retriever
 
     check_index_compatibility(cfg)
-    train = read_questions(cfg.train)
+    train = qa_rows(read_questions(cfg.train))
+    if cfg.mode == "reader":
+        train, dropped = with_gold_passages(train, cfg.corpus)
+        print(f"[rag_ray.train] reader: {len(train)} questions with a gold passage, {dropped} without", flush=True)
     dev = read_questions(cfg.dev, limit=cfg.eval_questions or None) if cfg.dev and cfg.eval_questions else []
-    retriever = Retriever.load(cfg.index) if cfg.mode != "closed_book" else None
+    if cfg.mode == "reader" and not cfg.index:
+        dev = []  # a reader is evaluated over retrieved passages, so only when an index is given
+    needs_index = cfg.mode in ("sequence", "token") or (cfg.mode == "reader" and bool(dev))
+    retriever = Retriever.load(cfg.index) if needs_index else None
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     if not cfg.shuffle:  # file order end to end: Ray Data may otherwise interleave blocks
         ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -337,7 +386,7 @@ def run_training(cfg: TrainConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
         # A few blocks, not Ray Data's default hundreds: the rows are small and already in memory,
         # and on a small machine per-block tasks compete with training for the same cores.
-        datasets={"train": ray.data.from_items(qa_rows(train), override_num_blocks=max(4, 2 * cfg.num_workers))},
+        datasets={"train": ray.data.from_items(train, override_num_blocks=max(4, 2 * cfg.num_workers))},
     )
     start = time.perf_counter()
     try:

@@ -165,3 +165,49 @@ def test_closed_book_needs_no_index_and_bad_configs_fail_early(setup, tmp_path):
     report = run_training(_cfg(root, questions, "closed", mode="closed_book", index=None, max_steps=4,
                                num_workers=1, eval_every=4, checkpoint_every=4))
     assert report["metrics"]["step"] == 4 and "dev_recall@2" not in report["metrics"]
+
+
+def test_gold_passages_are_the_cut_that_holds_the_answer(toy_corpus):
+    from rag_ray.training import qa_rows, with_gold_passages
+    from rag_ray.datasets import QAExample
+
+    examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
+    examples += [QAExample("Which word comes after word179?", ("word180",), "long"),
+                 QAExample("Unknown document?", ("x",), "nowhere")]
+    rows, dropped = with_gold_passages(qa_rows(examples), toy_corpus)
+    assert dropped == 1 and len(rows) == 6
+    long_row = rows[-1]
+    assert "word180" in long_row["text"].split() and "word0" not in long_row["text"].split()
+    assert rows[0]["title"] == "Paris" and "1889" in rows[0]["text"]
+    with pytest.raises(ValueError, match="no training question has a gold passage"):
+        with_gold_passages(qa_rows(examples[-1:]), toy_corpus)
+
+
+def test_reader_warm_up_learns_to_read_gold_passages(setup, toy_corpus):
+    root, questions = setup
+    report = run_training(_cfg(root, questions, "reader", mode="reader", corpus=toy_corpus, num_workers=1,
+                               max_steps=16, eval_every=16, checkpoint_every=16))
+    m = report["metrics"]
+    assert m["step"] == 16 and "dev_recall@2" in m  # evaluated as RAG-Sequence over the index
+
+    def gold_nll(model_dir) -> float:
+        model = RagModel.from_pretrained(model_dir, device="cpu")
+        qs = [q["question"] for q in TOY_QUESTIONS]
+        gold = [[next(h for h in _toy_passages(toy_corpus) if h.doc_id == q["doc_id"])] for q in TOY_QUESTIONS]
+        zeros = torch.zeros(len(qs), model.query_encoder.dim)
+        with torch.no_grad():
+            out = model.loss(qs, [q["answers"][0] for q in TOY_QUESTIONS], gold, zeros[:, None], n_docs=1,
+                             question_vectors=zeros)
+        return float(out.loss)
+
+    assert gold_nll(report["model"]) < 0.7 * gold_nll(root / "init_model")
+    # the query encoder is not trained by a reader
+    init, trained = RagModel.from_pretrained(root / "init_model"), RagModel.from_pretrained(report["model"])
+    for a, b in zip(init.query_encoder.parameters(), trained.query_encoder.parameters()):
+        assert torch.equal(a, b)
+
+
+def _toy_passages(path: str):
+    from rag_ray.corpus import read_passages
+
+    return read_passages(path)
