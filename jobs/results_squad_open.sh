@@ -19,7 +19,7 @@ run() {  # row name, then overrides
 EXTRA=("$@")
 # 1. the reader warm-up (gold passages), 2. the four rows, each starting from the reader
 [ -f "$OUT/reader.json" ] || \
-  "$BIN/rag-ray" train --config jobs/configs/reader_squad_open_cpu.yaml --set report="$OUT/reader.json" "${EXTRA[@]}" \
+  "$BIN/rag-ray" train --config jobs/configs/train_reader_squad_open_cpu.yaml --set report="$OUT/reader.json" "${EXTRA[@]}" \
     > "$OUT/reader.log" 2>&1 || { echo "reader failed; see $OUT/reader.log"; exit 1; }
 READER=$("$BIN/python" -c "import json, sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/reader.json")
 echo "reader: $READER"
