@@ -3,7 +3,7 @@
 Same model (the offline default unless --init-from), same batches (squad-open train questions),
 same retrieval (the same IndexShard actors), same threads. Then Ray Train with 2 workers:
 
-    python bench/bench_train.py --index indexes/squad-open --steps 12 --batch-size 4 --n-docs 3 --threads 2
+    python bench/bench_train.py --index indexes/squad-open --steps 30 --batch-size 4 --n-docs 3 --threads 2
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--index", default="indexes/squad-open")
     parser.add_argument("--train", default="squad-open:train")
     parser.add_argument("--init-from")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--n-docs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
