@@ -34,7 +34,7 @@ def train_arm(args, copy_head: bool, train: list[dict], corpus: dict[str, Passag
         max_target_length=args.max_target_length, device="cpu",
     )
     gen.train()
-    head = [p for n, p in gen.named_parameters() if n.startswith("model.") and not n.startswith("model.base.")]
+    head = gen.model.head_parameters() if copy_head else []
     head_ids = {id(p) for p in head}
     rest = [p for p in gen.parameters() if id(p) not in head_ids]
     groups = [{"params": rest, "lr": args.lr}] + ([{"params": head, "lr": args.head_lr or args.lr}] if head else [])

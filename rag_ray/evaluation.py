@@ -112,8 +112,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-
-
 # ----------------------------------------------------------------------------- answers
 
 def retrieve(model, retriever, questions: Sequence[str], k: int) -> SearchResult:

@@ -147,6 +147,10 @@ class PointerGenerator(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.base.get_output_embeddings()
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The copy head's own (newly initialised) weights: optimizers give them their own lr."""
+        return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The copy head's own parameters (the base is saved by its own ``save_pretrained``)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}

@@ -61,11 +61,11 @@ def build_optimizer(model, cfg: TrainConfig):
     """AdamW with a smaller learning rate for the query encoder (it starts well trained), an
     optionally larger one for the copy head (new weights), and linear warm-up then linear decay
     to zero at ``max_steps``."""
-    head = [p for n, p in model.generator.model.named_parameters() if not n.startswith("base.") and p.requires_grad]
-    head_ids = {id(p) for p in head} if model.generator.copy_head else set()
+    head = [p for p in model.generator.model.head_parameters() if p.requires_grad] if model.generator.copy_head else []
+    head_ids = {id(p) for p in head}
     groups = [{"params": [p for p in model.generator.parameters() if p.requires_grad and id(p) not in head_ids],
                "lr": cfg.lr}]
-    if head_ids:  # the copy head starts from random weights
+    if head:  # the copy head starts from random weights
         groups.append({"params": head, "lr": cfg.copy_head_lr or cfg.lr})
     q_params = [p for p in model.query_encoder.parameters() if p.requires_grad]
     if q_params:
@@ -242,7 +242,8 @@ def train_loop_per_worker(config: dict) -> None:
     batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed + step + 1000 * rank,
                             cfg.shuffle)
     prefetch = Prefetcher(model, retriever if cfg.mode in ("sequence", "token") else None, cfg.n_docs, cfg.prefetch)
-    zero_q = torch.zeros(cfg.batch_size, model.query_encoder.dim, device=device)
+    # reader mode: one gold passage per question, so p(z|x) = 1 whatever q·d is
+    zero_q = torch.zeros(cfg.batch_size, model.query_encoder.dim, device=device) if cfg.mode == "reader" else None
 
     timings = {"retrieve": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -370,9 +371,9 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.mode == "reader":
         train, dropped = with_gold_passages(train, cfg.corpus)
         print(f"[rag_ray.train] reader: {len(train)} questions with a gold passage, {dropped} without", flush=True)
-    dev = read_questions(cfg.dev, limit=cfg.eval_questions or None) if cfg.dev and cfg.eval_questions else []
-    if cfg.mode == "reader" and not cfg.index:
-        dev = []  # a reader is evaluated over retrieved passages, so only when an index is given
+    # a reader is evaluated over retrieved passages, so only when an index is given
+    evaluate = cfg.dev and cfg.eval_questions and (cfg.mode != "reader" or cfg.index)
+    dev = read_questions(cfg.dev, limit=cfg.eval_questions or None) if evaluate else []
     needs_index = cfg.mode in ("sequence", "token") or (cfg.mode == "reader" and bool(dev))
     retriever = Retriever.load(cfg.index) if needs_index else None
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())

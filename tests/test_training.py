@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, BertModel, 
 
 from conftest import TOY_QUESTIONS, write_jsonl
 from rag_ray.config import IndexConfig, TrainConfig, load_config
+from rag_ray.corpus import read_passages
 from rag_ray.encoders import DEFAULT_ENCODER, Encoder, resolve_model_path
 from rag_ray.generator import Generator, PointerGenerator, _set_special_tokens
 from rag_ray.indexing import build_index
@@ -190,10 +191,12 @@ def test_reader_warm_up_learns_to_read_gold_passages(setup, toy_corpus):
     m = report["metrics"]
     assert m["step"] == 16 and "dev_recall@2" in m  # evaluated as RAG-Sequence over the index
 
+    passages = read_passages(toy_corpus)
+
     def gold_nll(model_dir) -> float:
         model = RagModel.from_pretrained(model_dir, device="cpu")
         qs = [q["question"] for q in TOY_QUESTIONS]
-        gold = [[next(h for h in _toy_passages(toy_corpus) if h.doc_id == q["doc_id"])] for q in TOY_QUESTIONS]
+        gold = [[next(h for h in passages if h.doc_id == q["doc_id"])] for q in TOY_QUESTIONS]
         zeros = torch.zeros(len(qs), model.query_encoder.dim)
         with torch.no_grad():
             out = model.loss(qs, [q["answers"][0] for q in TOY_QUESTIONS], gold, zeros[:, None], n_docs=1,
@@ -206,8 +209,3 @@ def test_reader_warm_up_learns_to_read_gold_passages(setup, toy_corpus):
     for a, b in zip(init.query_encoder.parameters(), trained.query_encoder.parameters()):
         assert torch.equal(a, b)
 
-
-def _toy_passages(path: str):
-    from rag_ray.corpus import read_passages
-
-    return read_passages(path)
