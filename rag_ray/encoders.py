@@ -194,6 +194,12 @@ class Encoder(torch.nn.Module):
             out[idx] = vecs.float().cpu().numpy()
         return out
 
+    @property
+    def info(self) -> "EncoderInfo":
+        from rag_ray.manifest import EncoderInfo
+
+        return EncoderInfo(self.name, self.dim, self.pooling, self.normalize, self.max_length)
+
     def settings(self) -> dict:
         return {"name": self.name, "pooling": self.pooling, "normalize": self.normalize,
                 "max_length": self.max_length, "dim": self.dim}

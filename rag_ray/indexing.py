@@ -21,7 +21,7 @@ import numpy as np
 
 from rag_ray.config import EncoderConfig, IndexConfig
 from rag_ray.corpus import read_corpus
-from rag_ray.encoders import Encoder, detect_pooling, resolve_model_path
+from rag_ray.encoders import Encoder
 from rag_ray.manifest import EncoderInfo, IndexManifest, ShardInfo
 
 log = logging.getLogger(__name__)
@@ -73,17 +73,6 @@ def route_to_shards(batch: dict[str, np.ndarray], shards: list) -> dict[str, np.
     return {"added": np.array([len(owner)], dtype=np.int64)}
 
 
-def encoder_info(cfg: EncoderConfig) -> EncoderInfo:
-    """The passage encoder's identity for the manifest, read from its config (weights not loaded)."""
-    from transformers import AutoConfig
-
-    path = resolve_model_path(cfg.name)
-    hf = AutoConfig.from_pretrained(path)
-    pooling, normalize = detect_pooling(path)
-    return EncoderInfo(name=cfg.name, dim=int(hf.hidden_size), pooling=cfg.pooling or pooling,
-                       normalize=normalize if cfg.normalize is None else cfg.normalize, max_length=cfg.max_length)
-
-
 def _index_params(cfg: IndexConfig) -> dict:
     if cfg.index_type == "hnsw":
         return {"hnsw_m": cfg.hnsw_m, "ef_search": cfg.ef_search}
@@ -102,7 +91,8 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
     out = Path(cfg.out).resolve()
     if out.exists() and not cfg.overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite to replace it")
-    info = encoder_info(cfg.encoder)
+    info = EncoderInfo.from_checkpoint(cfg.encoder.name, cfg.encoder.pooling, cfg.encoder.normalize,
+                                       cfg.encoder.max_length)
     params = _index_params(cfg)
     actor = shard_actor_class()
     shards = [actor.options(**opts).remote(info.dim, cfg.index_type, **params) for opts in spread_options(cfg.shards)]

@@ -13,17 +13,39 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rag_ray.errors import RagRayError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
 class EncoderInfo:
+    """An encoder's identity: the one place that says which vector space its outputs live in."""
+
     name: str
     dim: int
     pooling: str
     normalize: bool
     max_length: int
+
+    @classmethod
+    def from_checkpoint(cls, name: str, pooling: str | None = None, normalize: bool | None = None,
+                        max_length: int = 256) -> "EncoderInfo":
+        """Read from a checkpoint's config and metadata without loading its weights; pooling and
+        normalisation default to what the checkpoint was trained with."""
+        from transformers import AutoConfig
+
+        from rag_ray.encoders import detect_pooling, resolve_model_path
+
+        path = resolve_model_path(name)
+        try:
+            hf = AutoConfig.from_pretrained(path)
+        except OSError as exc:
+            raise RagRayError(f"cannot read encoder {name!r}: {exc}") from None
+        det_pooling, det_normalize = detect_pooling(path)
+        return cls(name=name, dim=int(hf.hidden_size), pooling=pooling or det_pooling,
+                   normalize=det_normalize if normalize is None else bool(normalize), max_length=max_length)
 
 
 @dataclass(frozen=True)
@@ -91,19 +113,29 @@ class IndexManifest:
             raise ValueError(f"{path} is corrupted: shard passage counts do not add up to {manifest.passage_count}")
         return manifest
 
-    def check_query_encoder(self, name: str, dim: int, pooling: str, normalize: bool) -> None:
+    def check_query_encoder(self, query: EncoderInfo) -> None:
         """Refuse a query encoder whose vectors do not live in this index's space.
 
         The name may differ (RAG fine-tunes the query encoder), but the dimension, pooling and
         normalisation must match the passage encoder's or scores are meaningless.
         """
         problems = []
-        if dim != self.encoder.dim:
-            problems.append(f"dimension {dim} != index's {self.encoder.dim}")
-        if pooling != self.encoder.pooling:
-            problems.append(f"pooling {pooling!r} != index's {self.encoder.pooling!r}")
-        if bool(normalize) != bool(self.encoder.normalize):
-            problems.append(f"normalize={normalize} != index's {self.encoder.normalize}")
+        if query.dim != self.encoder.dim:
+            problems.append(f"dimension {query.dim} != index's {self.encoder.dim}")
+        if query.pooling != self.encoder.pooling:
+            problems.append(f"pooling {query.pooling!r} != index's {self.encoder.pooling!r}")
+        if bool(query.normalize) != bool(self.encoder.normalize):
+            problems.append(f"normalize={query.normalize} != index's {self.encoder.normalize}")
         if problems:
-            raise ValueError(f"query encoder {name!r} does not match the index (built with {self.encoder.name!r}): "
-                             + "; ".join(problems))
+            raise RagRayError(f"query encoder {query.name!r} does not match the index (built with "
+                              f"{self.encoder.name!r}): " + "; ".join(problems))
+
+
+def index_identity(index_dir: str | os.PathLike) -> dict:
+    """What a model records about the index it was trained or evaluated against: the resolved
+    directory, its version name (when versioned) and the sha256 of its manifest."""
+    from rag_ray.io import sha256_file
+
+    path = Path(index_dir).resolve()
+    return {"path": str(path), "version": path.name if path.name[:1] == "v" and path.name[1:].isdigit() else None,
+            "manifest_sha256": sha256_file(path / MANIFEST)}

@@ -246,6 +246,8 @@ class RagModel(nn.Module):
         self.query_encoder = query_encoder
         self.generator = generator
         self.config = config or RagConfig()
+        #: provenance saved with the model (training config, index version); see save_pretrained
+        self.metadata: dict = {}
 
     # -- construction / persistence ----------------------------------------------------------
 
@@ -285,18 +287,24 @@ class RagModel(nn.Module):
         )
         query_encoder.name = enc_settings.get("name", query_encoder.name)
         generator = Generator.from_pretrained(str(path / "generator"), device=device)
-        return cls(query_encoder, generator, RagConfig.from_dict(data["config"])).to(device)
+        model = cls(query_encoder, generator, RagConfig.from_dict(data["config"])).to(device)
+        model.metadata = dict(data.get("metadata") or {})
+        return model
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, metadata: dict | None = None) -> None:
         """Query encoder, generator (safetensors + tokenizers) and config in one directory,
-        written beside the target and renamed into place, so a crash never leaves half a model."""
+        written beside the target and renamed into place, so a crash never leaves half a model.
+
+        ``metadata`` (JSON-able; default: the model's own ``metadata``) records where the weights
+        came from, e.g. the TrainConfig and the index version they were trained against."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             self.query_encoder.save_pretrained(tmp / "query_encoder")
             self.generator.save_pretrained(tmp / "generator")
-            meta = {"format": _FORMAT, "version": 1, "config": asdict(self.config)}
+            meta = {"format": _FORMAT, "version": 1, "config": asdict(self.config),
+                    "metadata": metadata if metadata is not None else self.metadata}
             (tmp / _CONFIG_FILE).write_text(json.dumps(meta, indent=2))
             old = None
             if path.exists():

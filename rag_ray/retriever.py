@@ -77,8 +77,7 @@ class Retriever:
         index_dir = Path(index_dir).resolve()
         manifest = IndexManifest.read(index_dir)
         if query_encoder is not None:
-            manifest.check_query_encoder(query_encoder.name, query_encoder.dim,
-                                         query_encoder.pooling, query_encoder.normalize)
+            manifest.check_query_encoder(query_encoder.info)
         actor = shard_actor_class(num_cpus)
         placement = spread_options(manifest.shard_count) if spread else [{}] * manifest.shard_count
         shards = [actor.options(**opts).remote(manifest.encoder.dim, manifest.index_type, **manifest.index_params)

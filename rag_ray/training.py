@@ -341,18 +341,13 @@ def _agree_to_stop(cfg: TrainConfig, run_start: float, world: int, device: torch
 
 def check_index_compatibility(cfg: TrainConfig) -> None:
     """Fail on the driver, before any worker starts, if the query encoder cannot search the index."""
-    from transformers import AutoConfig
-
-    from rag_ray.encoders import detect_pooling, resolve_model_path
-    from rag_ray.manifest import IndexManifest
+    from rag_ray.manifest import EncoderInfo, IndexManifest
 
     if cfg.mode == "closed_book" or not cfg.index:
         return
     manifest = IndexManifest.read(cfg.index)
-    path = str(Path(cfg.init_from) / "query_encoder") if cfg.init_from else resolve_model_path(cfg.query_encoder)
-    dim = int(AutoConfig.from_pretrained(path).hidden_size)
-    pooling, normalize = detect_pooling(path)
-    manifest.check_query_encoder(cfg.init_from or cfg.query_encoder, dim, pooling, normalize)
+    path = str(Path(cfg.init_from) / "query_encoder") if cfg.init_from else cfg.query_encoder
+    manifest.check_query_encoder(EncoderInfo.from_checkpoint(path))
     if manifest.passage_count < cfg.n_docs:
         raise ValueError(f"n_docs={cfg.n_docs} but the index holds only {manifest.passage_count} passages")
 
