@@ -1,14 +1,17 @@
-"""Entry point for `ray job submit`: build a sharded index from a YAML IndexConfig.
+"""Entry point for `ray job submit`: build a new version of a sharded index from a YAML IndexConfig.
 
     ray job submit --working-dir . -- python jobs/build_index.py --config jobs/configs/index_squad_open.yaml [--set shards=4]
+
+Runs the same ``run_index(cfg)`` as ``rag-ray index --config``; ``ray.address: auto`` in the
+config (or ``--set ray.address=auto``) joins the cluster the job runs on.
 """
 
 import argparse
+import json
 import logging
 
 from rag_ray.config import IndexConfig, load_config
-from rag_ray.indexing import build_index
-from rag_ray.runtime import init_ray
+from rag_ray.indexing import run_index
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -16,7 +19,4 @@ if __name__ == "__main__":
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    cfg = load_config(IndexConfig, args.config, args.set)
-    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory)
-    manifest = build_index(cfg)
-    print(f"index at {cfg.out}: {manifest.passage_count} passages in {manifest.shard_count} shards")
+    print(json.dumps(run_index(load_config(IndexConfig, args.config, args.set)), indent=2))

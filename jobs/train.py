@@ -8,7 +8,7 @@ import json
 import logging
 
 from rag_ray.config import TrainConfig, load_config
-from rag_ray.runtime import init_ray
+from rag_ray.runtime import init_ray_from
 from rag_ray.training import run_training
 
 if __name__ == "__main__":
@@ -18,5 +18,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     cfg = load_config(TrainConfig, args.config, args.set)
-    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory)
+    init_ray_from(cfg.ray)
     print(json.dumps(run_training(cfg)["metrics"], indent=2))

@@ -11,10 +11,12 @@ import argparse
 import json
 import logging
 import sys
-import time
+import typing
 from typing import Callable
 
 from rag_ray.config import IndexConfig, load_config
+from rag_ray.errors import RagRayError, user_error
+from rag_ray.types import DECODINGS, Mode
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -22,6 +24,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="logical CPUs for the local Ray")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _choices(cls: type, name: str) -> list[str]:
+    """A config field's allowed values, from its Literal type (one list, kept with the config)."""
+    tp = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    literal = next((a for a in args if typing.get_origin(a) is typing.Literal), tp)
+    return list(typing.get_args(literal))
 
 
 def _set_overrides(items: list[str] | None) -> dict:
@@ -32,49 +42,44 @@ def _set_overrides(items: list[str] | None) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set shards=4")
+            raise RagRayError(f"--set {item!r}: expected KEY=VALUE, e.g. --set shards=4")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
 
 def _ray(args) -> None:
-    from rag_ray.runtime import init_ray
+    from rag_ray.config import RayConfig
+    from rag_ray.runtime import init_ray_from
 
-    init_ray(address=args.address, num_cpus=args.num_cpus)
+    init_ray_from(RayConfig(address=args.address, num_cpus=args.num_cpus))
+
+
+def _ray_overrides(args) -> dict:
+    return {k: v for k, v in {"ray.address": args.address, "ray.num_cpus": args.num_cpus}.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- index
 
 def cmd_index(args) -> int:
-    from rag_ray.datasets import resolve_data_path
-    from rag_ray.indexing import build_index
+    from rag_ray.indexing import run_index
 
-    if args.corpus:
-        args.corpus = [resolve_data_path(c) for c in args.corpus]
     overrides: dict = {k: v for k, v in {
         "corpus": args.corpus, "out": args.out, "shards": args.shards, "index_type": args.index_type,
         "format": args.format, "max_words": args.max_words, "on_error": args.on_error,
         "embedders": args.embedders, "overwrite": args.overwrite or None, "encoder.name": args.encoder,
         "encoder.batch_size": args.batch_size, "encoder.precision": "bf16" if args.bf16 else None,
     }.items() if v is not None}
+    overrides.update(_ray_overrides(args))
     overrides.update(_set_overrides(args.set))
-    cfg = load_config(IndexConfig, args.config, overrides)
-    _ray(args)
-    start = time.perf_counter()
-    manifest = build_index(cfg)
-    seconds = time.perf_counter() - start
-    report = {"index": cfg.out, "passages": manifest.passage_count, "shards": manifest.shard_count,
-              "shard_passages": [s.passages for s in manifest.shards], "index_type": manifest.index_type,
-              "encoder": manifest.encoder.name, "dim": manifest.encoder.dim, "seconds": round(seconds, 1),
-              "passages_per_second": round(manifest.passage_count / seconds, 2),
-              "skipped_rows": manifest.corpus.get("skipped_rows", 0)}
+    report = run_index(load_config(IndexConfig, args.config, overrides))
     if args.json:
         print(json.dumps(report))
     else:
         print(f"indexed {report['passages']} passages into {report['shards']} {report['index_type']} shards "
-              f"{report['shard_passages']} at {cfg.out} in {seconds:.1f} s ({report['passages_per_second']} passages/s)")
+              f"{report['shard_passages']} at {report['index']}/{report['version']} in {report['seconds']} s "
+              f"({report['passages_per_second']} passages/s)")
         if report["skipped_rows"]:
-            print(f"skipped {report['skipped_rows']} malformed rows, e.g.: {manifest.corpus['skipped_examples'][0]}")
+            print(f"skipped {report['skipped_rows']} malformed rows, e.g.: {report['skipped_examples'][0]}")
     return 0
 
 
@@ -82,31 +87,44 @@ def cmd_index(args) -> int:
 
 def _query_encoder(index_dir: str, name: str | None):
     from rag_ray.encoders import Encoder
-    from rag_ray.manifest import IndexManifest
+    from rag_ray.manifest import IndexManifest, resolve_index
 
-    info = IndexManifest.read(index_dir).encoder
+    info = IndexManifest.read(resolve_index(index_dir)).encoder
     return Encoder.from_pretrained(name or info.name, pooling=info.pooling, normalize=info.normalize,
                                    max_length=info.max_length)
+
+
+def _questions(args) -> list[str]:
+    from rag_ray.datasets import MAX_QUESTION_CHARS
+
+    if not args.question or any(not q.strip() for q in args.question):
+        raise RagRayError("give at least one non-empty question")
+    for q in args.question:
+        if len(q) > MAX_QUESTION_CHARS:
+            raise RagRayError(f"a question has {len(q)} characters, over the limit of {MAX_QUESTION_CHARS}")
+    return [q.strip() for q in args.question]
+
+
+def _excerpt(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cmd_search(args) -> int:
     from rag_ray.retriever import Retriever
 
-    if not args.question or any(not q.strip() for q in args.question):
-        raise ValueError("give at least one non-empty question")
+    questions = _questions(args)
     encoder = _query_encoder(args.index, args.encoder)
     _ray(args)
     retriever = Retriever.load(args.index, query_encoder=encoder)
-    result = retriever.search(encoder.encode(args.question), k=args.k)
+    result = retriever.search(encoder.encode(questions), k=args.k)
     if args.json:
         print(json.dumps([{"question": q, "hits": [h.__dict__ for h in hits]}
-                          for q, hits in zip(args.question, result.hits)]))
+                          for q, hits in zip(questions, result.hits)]))
     else:
-        for q, hits in zip(args.question, result.hits):
+        for q, hits in zip(questions, result.hits):
             print(f"Q: {q}")
             for rank, h in enumerate(hits, start=1):
-                text = h.text if len(h.text) <= 240 else h.text[:237] + "..."
-                print(f"  {rank:>2}. [{h.score:.4f}] {h.title} ({h.passage_id})\n      {text}")
+                print(f"  {rank:>2}. [{h.score:.4f}] {h.title} ({h.passage_id})\n      {_excerpt(h.text)}")
     return 0
 
 
@@ -125,26 +143,36 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def _pipeline(args, mode):
+    """The model at --model and, unless closed-book, a retriever over --index (default: the index
+    the model was trained against, from its metadata)."""
+    from rag_ray.pipeline import RagPipeline
+    from rag_ray.retriever import Retriever
+
+    from rag_ray.model import RagModel
+
+    model = RagModel.from_pretrained(args.model)
+    mode = Mode.parse(mode or model.config.mode)
+    if not mode.retrieves:
+        return RagPipeline(model), mode
+    index = args.index or (model.metadata.get("index") or {}).get("path")
+    if not index:
+        raise RagRayError(f"mode {mode.value!r} retrieves passages: give --index")
+    _ray(args)
+    return RagPipeline(model, Retriever.load(index, query_encoder=model.query_encoder)), mode
+
+
 def cmd_eval_qa(args) -> int:
     from rag_ray.datasets import read_questions
     from rag_ray.evaluation import evaluate_qa
-    from rag_ray.model import RagModel
-    from rag_ray.retriever import Retriever
 
     examples = read_questions(args.questions, limit=args.limit)
-    model = RagModel.from_pretrained(args.model)
-    mode = args.mode or model.config.mode
-    n_docs = args.n_docs or model.config.n_docs
-    retriever = None
-    if mode != "closed_book":
-        if not args.index:
-            raise ValueError(f"mode {mode!r} retrieves passages: give --index")
-        _ray(args)
-        retriever = Retriever.load(args.index, query_encoder=model.query_encoder)
+    pipeline, mode = _pipeline(args, args.mode)
+    n_docs = args.n_docs or pipeline.model.config.n_docs
     rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
-    report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=args.decoding,
+    report = evaluate_qa(pipeline.model, pipeline.retriever, rows, mode=mode, n_docs=n_docs, decoding=args.decoding,
                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    report.update({"model": args.model, "mode": mode, "n_docs": n_docs})
+    report.update({"model": args.model, "mode": mode.value, "n_docs": n_docs})
     if args.json:
         print(json.dumps(report))
     else:
@@ -152,15 +180,29 @@ def cmd_eval_qa(args) -> int:
     return 0
 
 
+def cmd_ask(args) -> int:
+    questions = _questions(args)
+    pipeline, mode = _pipeline(args, args.mode)
+    answers = pipeline.answer(questions, mode=mode, n_docs=args.n_docs, decoding=args.decoding,
+                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    for a in answers:
+        if args.json:
+            print(json.dumps(a.to_dict()))
+            continue
+        print(f"Q: {a.question}\nA: {a.answer}   (log p = {a.score:.3f})")
+        for rank, p in enumerate(a.passages, start=1):
+            print(f"  {rank:>2}. posterior {p.posterior:.3f}  prior {p.prior:.3f}  q·d {p.score:.4f}  "
+                  f"{p.title} ({p.passage_id})\n      {_excerpt(p.text)}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from rag_ray.config import TrainConfig
+    from rag_ray.runtime import init_ray_from
     from rag_ray.training import run_training
 
-    cfg = load_config(TrainConfig, args.config, _set_overrides(args.set))
-    from rag_ray.runtime import init_ray
-
-    init_ray(address=args.address or cfg.ray.address, num_cpus=args.num_cpus or cfg.ray.num_cpus,
-             object_store_memory=cfg.ray.object_store_memory)
+    cfg = load_config(TrainConfig, args.config, {**_ray_overrides(args), **_set_overrides(args.set)})
+    init_ray_from(cfg.ray)
     report = run_training(cfg)
     if args.json:
         print(json.dumps(report))
@@ -181,17 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="embed a corpus with Ray Data into a sharded FAISS index")
     p.add_argument("--config", help="YAML IndexConfig (flags override it)")
     p.add_argument("--corpus", nargs="+", help="corpus files or directories (jsonl, parquet, csv, tsv, SQuAD json), or 'squad-open'")
-    p.add_argument("--out", help="index directory to write")
+    p.add_argument("--out", help="index root: each build adds a version <out>/vNNNN and points <out>/current at it")
     p.add_argument("--shards", type=int)
-    p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"])
-    p.add_argument("--format", choices=["jsonl", "parquet", "csv", "tsv", "squad"])
+    p.add_argument("--index-type", choices=_choices(IndexConfig, "index_type"))
+    p.add_argument("--format", choices=_choices(IndexConfig, "format"))
     p.add_argument("--max-words", type=int)
-    p.add_argument("--on-error", choices=["raise", "skip"], help="malformed rows: fail (default) or skip and count")
+    p.add_argument("--on-error", choices=_choices(IndexConfig, "on_error"), help="malformed rows: fail (default) or skip and count")
     p.add_argument("--encoder", help="passage encoder checkpoint (HF name or path)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast while embedding (fast on AVX512-BF16 CPUs and GPUs)")
     p.add_argument("--embedders", type=int, help="max embedding actors")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="after the new version becomes current, delete older versions no running shard reads")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. encoder.max_length=128")
     _add_common(p)
     p.set_defaults(func=cmd_index)
@@ -214,18 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)
 
-    p = sub.add_parser("eval-qa", help="EM / F1 / answer NLL / recall of a trained RAG model on a question file")
-    p.add_argument("--model", required=True, help="a saved RagModel directory (a checkpoint's model/)")
-    p.add_argument("--index", help="index directory (not needed for --mode closed_book)")
-    p.add_argument("--questions", required=True, help="JSONL question file, or squad-open:dev")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--mode", choices=["sequence", "token", "closed_book"], help="default: the model's own")
-    p.add_argument("--n-docs", type=int)
-    p.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"])
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    _add_common(p)
-    p.set_defaults(func=cmd_eval_qa)
+    for name, help_text in (("eval-qa", "EM / F1 / answer NLL / recall of a trained RAG model on a question file"),
+                            ("ask", "answer questions with a trained RAG model; prints each answer with its passages")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="a saved RagModel directory (a checkpoint's model/)")
+        p.add_argument("--index", help="index root or version directory (default: the index the model was trained "
+                                       "against; not needed for --mode closed_book)")
+        if name == "eval-qa":
+            p.add_argument("--questions", required=True, help="JSONL question file, or squad-open:dev")
+            p.add_argument("--limit", type=int)
+        else:
+            p.add_argument("question", nargs="+")
+        p.add_argument("--mode", choices=[m.value for m in Mode], help="default: the model's own")
+        p.add_argument("--n-docs", type=int)
+        p.add_argument("--decoding", choices=DECODINGS, help="default: the mode's first (thorough / greedy)")
+        p.add_argument("--num-beams", type=int, default=1)
+        p.add_argument("--max-new-tokens", type=int, default=16)
+        _add_common(p)
+        p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)
 
     p = sub.add_parser("train", help="joint RAG fine-tuning with Ray Train against a frozen index")
     p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. jobs/configs/train_squad_open_cpu.yaml")
@@ -233,22 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_train)
     return parser
-
-
-def user_error(exc: BaseException) -> BaseException | None:
-    """The first user-facing error (ValueError family) in an exception's chain, Ray wrappers included."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        wrapper = type(e).__module__.startswith("ray.")  # RayTaskError(CorpusError) and friends
-        if isinstance(e, (ValueError, FileNotFoundError)) and not wrapper:
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
 
 
 def main(argv: list[str] | None = None, run: Callable | None = None) -> int:

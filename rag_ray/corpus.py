@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Literal
 
 from rag_ray.types import Passage
+from rag_ray.errors import RagRayError
 
 FORMATS = ("jsonl", "parquet", "csv", "tsv", "squad")
 Format = Literal["jsonl", "parquet", "csv", "tsv", "squad"]
@@ -34,7 +35,7 @@ _ID_FIELDS = ("id", "doc_id", "_id")
 MAX_TEXT_CHARS = 10_000_000
 
 
-class CorpusError(ValueError):
+class CorpusError(RagRayError):
     """A corpus row that cannot be used, located by file, line (or row) and field."""
 
     def __init__(self, path: str, line: int | None, field_name: str | None, problem: str) -> None:
@@ -67,7 +68,7 @@ def detect_format(path: str) -> Format:
             name = name[: -len(compressed)]
     ext = os.path.splitext(name)[1]
     if ext not in _EXTENSIONS:
-        raise ValueError(
+        raise RagRayError(
             f"{path}: cannot tell the corpus format from extension {ext!r}; "
             f"name it one of {sorted(_EXTENSIONS)} or pass --format {'|'.join(FORMATS)}"
         )
@@ -158,7 +159,7 @@ def _raw_rows(f: IO[bytes], path: str, fmt: Format) -> Iterator[tuple[int, Any]]
                     continue
                 yield None, {"id": f"{title}#{p}", "title": title, "text": para["context"]}
     else:
-        raise ValueError(f"unknown corpus format {fmt!r}; expected one of {FORMATS}")
+        raise RagRayError(f"unknown corpus format {fmt!r}; expected one of {FORMATS}")
 
 
 def iter_documents(
@@ -166,7 +167,7 @@ def iter_documents(
 ) -> Iterator[dict]:
     """Documents (doc_id, title, text) from one file; malformed rows raise or are counted in ``skips``."""
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise RagRayError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     fmt = fmt or detect_format(path)
     base = os.path.basename(path)
     for n, (lineno, row) in enumerate(_raw_rows(f, path, fmt)):
@@ -189,7 +190,7 @@ def split_passages(doc: dict, max_words: int = 100) -> list[Passage]:
     and shard counts, so a rebuilt or resharded index returns the same ids.
     """
     if max_words < 1:
-        raise ValueError(f"max_words must be >= 1, got {max_words}")
+        raise RagRayError(f"max_words must be >= 1, got {max_words}")
     words = doc["text"].split()
     pieces = max(1, -(-len(words) // max_words))
     bounds = [round(i * len(words) / pieces) for i in range(pieces + 1)]
@@ -221,9 +222,9 @@ def expand_paths(paths: list[str] | str) -> list[str]:
         elif os.path.isfile(p):
             out.append(p)
         else:
-            raise ValueError(f"corpus path {p!r} does not exist")
+            raise RagRayError(f"corpus path {p!r} does not exist")
     if not out:
-        raise ValueError(f"no corpus files found under {paths}")
+        raise RagRayError(f"no corpus files found under {paths}")
     return out
 
 

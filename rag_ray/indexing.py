@@ -1,5 +1,5 @@
 """Index build: Ray Data reads and embeds the corpus, rows land in IndexShard actors, and the
-shards write themselves into a directory that is renamed into place only when complete.
+shards write themselves into a new version directory that is renamed into place only when complete.
 
 Phases (each finishes before the next): start shards -> stream (read -> split -> embed on an
 actor pool -> route each row to its shard) -> finalize shards (build FAISS) -> save + manifest.
@@ -9,11 +9,10 @@ shard that owns them (``crc32(passage_id) % shards``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import shutil
 import time
-import uuid
 import zlib
 from pathlib import Path
 
@@ -22,7 +21,10 @@ import numpy as np
 from rag_ray.config import EncoderConfig, IndexConfig
 from rag_ray.corpus import read_corpus
 from rag_ray.encoders import Encoder
-from rag_ray.manifest import EncoderInfo, IndexManifest, ShardInfo
+from rag_ray.errors import RagRayError
+from rag_ray.io import atomic_dir
+from rag_ray.manifest import (CURRENT, MANIFEST, EncoderInfo, IndexManifest, ShardInfo, next_version, set_current,
+                              version_dirs)
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +84,27 @@ def _index_params(cfg: IndexConfig) -> dict:
 
 
 def build_index(cfg: IndexConfig) -> IndexManifest:
-    """Build and persist a sharded index for ``cfg.corpus`` under ``cfg.out`` (atomically)."""
+    """Build a new version of the index at ``cfg.out`` and make it current.
+
+    ``cfg.out`` is an index root: the build writes ``<out>/vNNNN`` aside and renames it into place,
+    then points ``<out>/current`` at it (one atomic rename each). Versions that shard actors still
+    serve are never touched; ``cfg.overwrite`` deletes older versions that nothing on the connected
+    Ray cluster serves.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
-    from rag_ray.retriever import shard_actor_class, spread_options
+    from rag_ray.shards import running_shards, shard_actor_class, spread_placement
 
-    out = Path(cfg.out).resolve()
-    if out.exists() and not cfg.overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+    root = Path(cfg.out).resolve()
+    _check_root(root)
     info = EncoderInfo.from_checkpoint(cfg.encoder.name, cfg.encoder.pooling, cfg.encoder.normalize,
                                        cfg.encoder.max_length)
     params = _index_params(cfg)
+    group, placement = spread_placement(cfg.shards, 0.0)
     actor = shard_actor_class()
-    shards = [actor.options(**opts).remote(info.dim, cfg.index_type, **params) for opts in spread_options(cfg.shards)]
+    shards = [actor.options(**opts).remote(info.dim, cfg.index_type, **params) for opts in placement]
     skips = ray.remote(num_cpus=0)(SkipCounter).remote()
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         ds = read_corpus(cfg.corpus, cfg.format, cfg.max_words, cfg.on_error, skip_counter=skips)
         ds = ds.map_batches(
@@ -119,39 +126,63 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
         elapsed = time.perf_counter() - start
         skipped, examples = ray.get(skips.get.remote())
         if total == 0:
-            raise ValueError(f"no passages in corpus {cfg.corpus}" + (f" ({skipped} rows skipped)" if skipped else ""))
+            raise RagRayError(f"no passages in corpus {cfg.corpus}" + (f" ({skipped} rows skipped)" if skipped else ""))
         counts = ray.get([s.finalize.remote() for s in shards])
-        tmp.mkdir(parents=True)
-        files = ray.get([s.save.remote(str(tmp / f"shard-{i:05d}")) for i, s in enumerate(shards)])
-        manifest = IndexManifest(
-            encoder=info, index_type=cfg.index_type, index_params=params,
-            shards=[ShardInfo(f"shard-{i:05d}", int(n), f) for i, (n, f) in enumerate(zip(counts, files))],
-            passage_count=int(sum(counts)),
-            corpus={"paths": [str(p) for p in cfg.corpus], "max_words": cfg.max_words,
-                    "precision": cfg.encoder.precision, "skipped_rows": skipped,
-                    "skipped_examples": examples, "embed_seconds": round(elapsed, 2)},
-        )
-        manifest.write(tmp)
-        _replace_dir(tmp, out)
-        log.info("wrote %s: %d passages in %d shards (%.1f passages/s)", out, total, cfg.shards, total / elapsed)
+        version = next_version(root)
+        with atomic_dir(root / version) as tmp:
+            files = ray.get([s.save.remote(str(tmp / f"shard-{i:05d}")) for i, s in enumerate(shards)])
+            manifest = IndexManifest(
+                encoder=info, index_type=cfg.index_type, index_params=params,
+                shards=[ShardInfo(f"shard-{i:05d}", int(n), f) for i, (n, f) in enumerate(zip(counts, files))],
+                passage_count=int(sum(counts)),
+                corpus={"paths": [str(p) for p in cfg.corpus], "max_words": cfg.max_words,
+                        "precision": cfg.encoder.precision, "skipped_rows": skipped,
+                        "skipped_examples": examples, "embed_seconds": round(elapsed, 2)},
+            )
+            manifest.write(tmp)
+        set_current(root, version)
+        log.info("wrote %s/%s: %d passages in %d shards (%.1f passages/s)", root, version, total, cfg.shards,
+                 total / elapsed)
+        if cfg.overwrite:
+            for old in version_dirs(root):
+                if old.name != version and not running_shards(root.name, old.name):
+                    shutil.rmtree(old, ignore_errors=True)
         return manifest
     finally:
         for s in shards:
             ray.kill(s)
         ray.kill(skips)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        ray.util.remove_placement_group(group)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out, then deleted."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def run_index(cfg: IndexConfig) -> dict:
+    """The index job, as ``rag-ray index`` and ``jobs/build_index.py`` run it: start or join Ray as
+    ``cfg.ray`` says, build a new index version, and report what was built."""
+    from rag_ray.datasets import resolve_data_path
+    from rag_ray.runtime import init_ray_from
+
+    cfg = dataclasses.replace(cfg, corpus=[resolve_data_path(c) for c in cfg.corpus])
+    init_ray_from(cfg.ray)
+    start = time.perf_counter()
+    manifest = build_index(cfg)
+    seconds = time.perf_counter() - start
+    root = Path(cfg.out).resolve()
+    return {"index": str(root), "version": (root / CURRENT).read_text().strip(), "passages": manifest.passage_count,
+            "shards": manifest.shard_count, "shard_passages": [s.passages for s in manifest.shards],
+            "index_type": manifest.index_type, "encoder": manifest.encoder.name, "dim": manifest.encoder.dim,
+            "seconds": round(seconds, 1), "passages_per_second": round(manifest.passage_count / seconds, 2),
+            "skipped_rows": manifest.corpus.get("skipped_rows", 0),
+            "skipped_examples": manifest.corpus.get("skipped_examples", [])}
+
+
+def _check_root(root: Path) -> None:
+    """``root`` must be new, empty, or an index root; anything else is refused, never overwritten."""
+    if not root.exists() or (root / CURRENT).is_file() or (root.is_dir() and not any(root.iterdir())):
+        return
+    if (root / MANIFEST).is_file():
+        raise RagRayError(f"{root} is an unversioned index from an older rag_ray; move it away or build into "
+                          "another --out (new builds are versioned: <out>/vNNNN plus a 'current' pointer)")
+    raise RagRayError(f"{root} exists and is not a rag_ray index root; give an empty or new --out directory")
 
 
 class SkipCounter:

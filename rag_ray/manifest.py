@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_ray.errors import RagRayError
+from rag_ray.io import atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: In an index root, the file naming the version that readers get by default (e.g. "v0003").
+CURRENT = "current"
+_VERSION = re.compile(r"^v(\d{4,})$")
 
 
 @dataclass(frozen=True)
@@ -76,25 +81,22 @@ class IndexManifest:
 
     def write(self, directory: str | os.PathLike) -> None:
         """Atomic: written aside, then renamed over ``manifest.json``."""
-        path = Path(directory) / MANIFEST
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(Path(directory) / MANIFEST, self.to_json())
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> "IndexManifest":
         path = Path(directory) / MANIFEST
         if not Path(directory).is_dir():
-            raise ValueError(f"index directory {directory} does not exist")
+            raise RagRayError(f"index directory {directory} does not exist")
         if not path.is_file():
-            raise ValueError(f"{path} is missing: {directory} is not a rag_ray index (build one with `rag-ray index`)")
+            raise RagRayError(f"{path} is missing: {directory} is not a rag_ray index (build one with `rag-ray index`)")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is corrupted: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+            raise RagRayError(f"{path} is corrupted: invalid JSON at line {exc.lineno} ({exc.msg})") from None
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: index format version {version!r} is not supported (this rag_ray reads "
+            raise RagRayError(f"{path}: index format version {version!r} is not supported (this rag_ray reads "
                              f"version {FORMAT_VERSION}); rebuild the index")
         try:
             manifest = cls(
@@ -106,11 +108,11 @@ class IndexManifest:
                 corpus=dict(data.get("corpus", {})),
             )
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path} is corrupted: missing or malformed field {exc}") from None
+            raise RagRayError(f"{path} is corrupted: missing or malformed field {exc}") from None
         if data.get("shard_count", manifest.shard_count) != manifest.shard_count:
-            raise ValueError(f"{path} is corrupted: shard_count {data['shard_count']} but {manifest.shard_count} shards listed")
+            raise RagRayError(f"{path} is corrupted: shard_count {data['shard_count']} but {manifest.shard_count} shards listed")
         if sum(s.passages for s in manifest.shards) != manifest.passage_count:
-            raise ValueError(f"{path} is corrupted: shard passage counts do not add up to {manifest.passage_count}")
+            raise RagRayError(f"{path} is corrupted: shard passage counts do not add up to {manifest.passage_count}")
         return manifest
 
     def check_query_encoder(self, query: EncoderInfo) -> None:
@@ -131,11 +133,55 @@ class IndexManifest:
                               f"{self.encoder.name!r}): " + "; ".join(problems))
 
 
+def version_dirs(root: str | os.PathLike) -> list[Path]:
+    """The version directories of an index root (``v0001``, ``v0002``, ...), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _VERSION.match(p.name)),
+                  key=lambda p: int(p.name[1:]))
+
+
+def resolve_index(path: str | os.PathLike) -> Path:
+    """The directory that holds ``manifest.json``: ``path`` itself when it is a version directory
+    (or an unversioned index), else the version its ``current`` pointer names."""
+    path = Path(path).resolve()
+    if (path / MANIFEST).is_file():
+        return path
+    pointer = path / CURRENT
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not _VERSION.match(name) or not (path / name).is_dir():
+            raise RagRayError(f"{pointer} names version {name!r}, which is not a version directory of {path}")
+        return path / name
+    if not path.is_dir():
+        raise RagRayError(f"index directory {path} does not exist")
+    raise RagRayError(f"{path} is not a rag_ray index: it has neither {MANIFEST} nor a {CURRENT!r} pointer "
+                      "(build one with `rag-ray index`)")
+
+
+def index_name_and_version(version_dir: str | os.PathLike) -> tuple[str, str]:
+    """(index name, version) of a resolved index directory: the root's name and ``vNNNN``, or the
+    directory's own name and "v0000" for an unversioned index."""
+    version_dir = Path(version_dir).resolve()
+    if _VERSION.match(version_dir.name):
+        return version_dir.parent.name, version_dir.name
+    return version_dir.name, "v0000"
+
+
+def next_version(root: str | os.PathLike) -> str:
+    existing = version_dirs(root)
+    return f"v{int(existing[-1].name[1:]) + 1 if existing else 1:04d}"
+
+
+def set_current(root: str | os.PathLike, version: str) -> None:
+    """Point readers of ``root`` at ``version`` (one atomic rename)."""
+    atomic_write_text(Path(root) / CURRENT, version + "\n")
+
+
 def index_identity(index_dir: str | os.PathLike) -> dict:
     """What a model records about the index it was trained or evaluated against: the resolved
-    directory, its version name (when versioned) and the sha256 of its manifest."""
-    from rag_ray.io import sha256_file
-
-    path = Path(index_dir).resolve()
-    return {"path": str(path), "version": path.name if path.name[:1] == "v" and path.name[1:].isdigit() else None,
-            "manifest_sha256": sha256_file(path / MANIFEST)}
+    version directory, the index name and version, and the sha256 of its manifest."""
+    path = resolve_index(index_dir)
+    name, version = index_name_and_version(path)
+    return {"path": str(path), "name": name, "version": version, "manifest_sha256": sha256_file(path / MANIFEST)}

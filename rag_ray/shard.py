@@ -8,7 +8,6 @@ byte-identical shard files, whatever order Ray Data delivered the rows in.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -17,6 +16,9 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from rag_ray.errors import RagRayError
+from rag_ray.io import atomic_path, sha256_file
+
 IndexType = Literal["flat", "hnsw", "ivfpq"]
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 SHARD_FILES = ("index.faiss", "vectors.npy", "passages.parquet")
@@ -24,29 +26,25 @@ SHARD_FILES = ("index.faiss", "vectors.npy", "passages.parquet")
 MIN_IVFPQ_VECTORS = 1000
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class IndexShard:
     """Passages + their vectors + a FAISS inner-product index over them.
 
     Search returns shard-local row numbers and scores; :meth:`fetch` turns winning rows into
     payload (ids, titles, texts, stored vectors) so only the merged top-k cross the network.
+
+    With ``restore_from`` the constructor loads (and checksums against ``files``) a saved shard,
+    so an actor that Ray restarts after a crash comes back complete, never empty.
     """
 
     def __init__(self, dim: int, index_type: IndexType = "flat", hnsw_m: int = 32, ef_search: int = 128,
-                 ivf_nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, seed: int = 0) -> None:
+                 ivf_nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, seed: int = 0,
+                 restore_from: str | os.PathLike | None = None, files: dict[str, dict] | None = None) -> None:
         if index_type not in INDEX_TYPES:
-            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+            raise RagRayError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
         if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+            raise RagRayError(f"dim must be >= 1, got {dim}")
         if index_type == "ivfpq" and pq_m is not None and dim % pq_m:
-            raise ValueError(f"pq_m={pq_m} must divide the vector dimension {dim}")
+            raise RagRayError(f"pq_m={pq_m} must divide the vector dimension {dim}")
         self.dim, self.index_type = dim, index_type
         self.hnsw_m, self.ef_search, self.ivf_nlist, self.pq_m, self.nprobe, self.seed = (
             hnsw_m, ef_search, ivf_nlist, pq_m, nprobe, seed)
@@ -57,6 +55,9 @@ class IndexShard:
         self.titles: list[str] = []
         self.texts: list[str] = []
         self.vectors = np.zeros((0, dim), dtype=np.float16)
+        self.directory: str | None = None
+        if restore_from is not None:
+            self.restore(restore_from, files)
 
     # ------------------------------------------------------------------ build
     def add(self, passage_ids, doc_ids, titles, texts, vectors: np.ndarray) -> int:
@@ -82,7 +83,7 @@ class IndexShard:
         if len(set(pids)) != len(pids):
             seen: set[str] = set()
             dup = next(x for x in pids if x in seen or seen.add(x))
-            raise ValueError(f"duplicate passage_id {dup!r}: document ids must be unique across the corpus")
+            raise RagRayError(f"duplicate passage_id {dup!r}: document ids must be unique across the corpus")
         order = np.array(sorted(range(len(pids)), key=pids.__getitem__), dtype=np.int64)
         position = np.empty(len(pids), dtype=np.int64)
         position[order] = np.arange(len(pids))
@@ -112,7 +113,7 @@ class IndexShard:
         else:
             n = len(vecs)
             if n < MIN_IVFPQ_VECTORS:
-                raise ValueError(f"ivfpq needs at least {MIN_IVFPQ_VECTORS} vectors per shard to train, "
+                raise RagRayError(f"ivfpq needs at least {MIN_IVFPQ_VECTORS} vectors per shard to train, "
                                  f"this shard has {n}; use --index-type flat or hnsw, or fewer shards")
             nlist = self.ivf_nlist or max(1, min(4 * int(math.sqrt(n)), n // 39))
             m = self.pq_m or next(m for m in (self.dim // 8, self.dim // 4, self.dim // 2, self.dim) if m and self.dim % m == 0)
@@ -175,7 +176,7 @@ class IndexShard:
         import resource
 
         return {"passages": len(self), "index_type": self.index_type, "dim": self.dim, "node_id": node,
-                "pid": os.getpid(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "directory": self.directory, "pid": os.getpid(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> dict[str, dict]:
@@ -197,24 +198,21 @@ class IndexShard:
         }
         files = {}
         for name, write in writers.items():
-            tmp = directory / f".{name}.tmp"
-            write(tmp)
-            os.replace(tmp, directory / name)
+            with atomic_path(directory / name) as tmp:
+                write(tmp)
             files[name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
         return files
 
     @classmethod
     def load(cls, directory: str | os.PathLike, dim: int, index_type: IndexType, files: dict[str, dict] | None = None,
              **params) -> "IndexShard":
-        shard = cls(dim, index_type, **params)
-        shard.restore(directory, files)
-        return shard
+        return cls(dim, index_type, restore_from=directory, files=files, **params)
 
     def restore(self, directory: str | os.PathLike, files: dict[str, dict] | None = None,
                 mmap_vectors: bool = True) -> int:
         """Replace this shard's contents with the files in ``directory``; returns the row count.
 
-        A missing file, or one whose sha256 differs from the manifest's ``files``, is a ValueError
+        A missing file, or one whose sha256 differs from the manifest's ``files``, is a RagRayError
         naming the file: a corrupted index must never answer queries.
         """
         import pyarrow.parquet as pq
@@ -223,28 +221,29 @@ class IndexShard:
         for name in SHARD_FILES:
             path = directory / name
             if not path.is_file():
-                raise ValueError(f"index file missing: {path}")
+                raise RagRayError(f"index file missing: {path}")
             if files is not None:
                 expected = files.get(name, {}).get("sha256")
                 actual = sha256_file(path)
                 if expected != actual:
-                    raise ValueError(f"index file corrupted: {path} has sha256 {actual[:12]}..., "
+                    raise RagRayError(f"index file corrupted: {path} has sha256 {actual[:12]}..., "
                                      f"the manifest says {str(expected)[:12]}...; rebuild the index")
         try:
             index = faiss.read_index(str(directory / "index.faiss"))
             vectors = np.load(directory / "vectors.npy", mmap_mode="r" if mmap_vectors else None, allow_pickle=False)
             table = pq.read_table(directory / "passages.parquet")
         except Exception as exc:  # present but unreadable, and no manifest checksum caught it
-            raise ValueError(f"cannot read index shard {directory}: {exc}") from exc
+            raise RagRayError(f"cannot read index shard {directory}: {exc}") from exc
         n = table.num_rows
         if index.ntotal != n or vectors.shape != (n, self.dim) or index.d != self.dim:
-            raise ValueError(f"index shard {directory} is inconsistent: {index.ntotal} indexed vectors "
+            raise RagRayError(f"index shard {directory} is inconsistent: {index.ntotal} indexed vectors "
                              f"(dim {index.d}), stored vectors {vectors.shape}, {n} passages; expected dim {self.dim}")
         self.index, self.vectors, self._pending = index, vectors, []
         self.passage_ids = table.column("passage_id").to_pylist()
         self.doc_ids = table.column("doc_id").to_pylist()
         self.titles = table.column("title").to_pylist()
         self.texts = table.column("text").to_pylist()
+        self.directory = str(directory.resolve())
         self._tune(index)
         return n
 

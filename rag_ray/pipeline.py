@@ -1,0 +1,101 @@
+"""RagPipeline: question in, answer with its sources out. The one path that evaluation, the CLI
+(``rag-ray ask``) and Serve use, so they cannot drift apart.
+
+A question is embedded once per request: the same vector searches the shards and gives p(z|x)
+to the generator (q·d against the stored passage vectors). ``answer`` runs the steps in order;
+``embed`` / ``retriever.search_async`` / ``read`` are the same steps for callers that interleave
+them with an event loop (a Serve replica awaits the search and runs the model off the loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from rag_ray.errors import RagRayError
+from rag_ray.types import Mode, SearchResult
+
+
+@dataclass(frozen=True)
+class SourcePassage:
+    """A passage the answer was read from: ``score`` q·d, ``prior`` p(z|x), ``posterior`` p(z|x,y)."""
+
+    passage_id: str
+    doc_id: str
+    title: str
+    text: str
+    score: float
+    prior: float
+    posterior: float
+
+
+@dataclass(frozen=True)
+class RagAnswer:
+    """One answered question; ``score`` is log p(answer|question) under the decoding's model."""
+
+    question: str
+    answer: str
+    score: float
+    passages: list[SourcePassage]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RagPipeline:
+    """A RagModel plus a Retriever (None for closed-book models)."""
+
+    def __init__(self, model, retriever=None) -> None:
+        self.model = model
+        self.retriever = retriever
+
+    def embed(self, questions: Sequence[str]) -> np.ndarray:
+        """[B, D] float32 query vectors from the model's (possibly fine-tuned) query encoder."""
+        return self.model.query_encoder.encode(list(questions), batch_size=max(1, len(questions)))
+
+    def retrieve(self, questions: Sequence[str], k: int) -> SearchResult:
+        """Top-k passages and their stored vectors for each question."""
+        return self._retriever().search(self.embed(questions), k)
+
+    def answer(self, questions: Sequence[str], *, mode: str | Mode | None = None, n_docs: int | None = None,
+               decoding: str | None = None, num_beams: int | None = None,
+               max_new_tokens: int | None = None) -> list[RagAnswer]:
+        """Retrieve (unless closed-book) and generate one answer per question, with its passages."""
+        mode = Mode.parse(mode or self.model.config.mode)
+        n_docs = n_docs or self.model.config.n_docs
+        vectors = self.embed(questions)
+        result = self._retriever().search(vectors, n_docs) if mode.retrieves else None
+        return self.read(questions, vectors, result, mode=mode, n_docs=n_docs, decoding=decoding,
+                         num_beams=num_beams, max_new_tokens=max_new_tokens)
+
+    def read(self, questions: Sequence[str], question_vectors: np.ndarray, result: SearchResult | None, *,
+             mode: str | Mode | None = None, n_docs: int | None = None, decoding: str | None = None,
+             num_beams: int | None = None, max_new_tokens: int | None = None) -> list[RagAnswer]:
+        """Generate answers from already retrieved passages (``result`` None for closed-book)."""
+        import torch
+
+        mode = Mode.parse(mode or self.model.config.mode)
+        n_docs = n_docs or self.model.config.n_docs
+        if mode.retrieves and result is not None:
+            n_docs = min(n_docs, min(len(h) for h in result.hits))
+            if n_docs < 1:
+                raise RagRayError("the index returned no passages for a question")
+        q = torch.from_numpy(np.asarray(question_vectors, dtype=np.float32)).to(self.model.device)
+        answers = self.model.generate(list(questions), result.hits if result else None,
+                                      result.vectors if result else None, mode=mode, n_docs=n_docs,
+                                      decoding=decoding, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                      question_vectors=q)
+        out = []
+        for i, (question, a) in enumerate(zip(questions, answers)):
+            hits = result.hits[i][:n_docs] if result else []
+            out.append(RagAnswer(question, a.text, a.score, [
+                SourcePassage(h.passage_id, h.doc_id, h.title, h.text, h.score, float(prior), float(post))
+                for h, prior, post in zip(hits, a.doc_prior, a.doc_posterior)]))
+        return out
+
+    def _retriever(self):
+        if self.retriever is None:
+            raise RagRayError("this pipeline has no index: give one (--index) or use mode closed_book")
+        return self.retriever
