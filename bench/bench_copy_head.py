@@ -21,8 +21,8 @@ import torch
 
 from rag_ray.encoders import DEFAULT_ENCODER
 from rag_ray.generator import Generator
+from rag_ray.losses import rag_token_nll
 from rag_ray.metrics import exact_match, f1_score
-from rag_ray.model import rag_token_nll
 
 from _common import Passage, read_jsonl  # noqa: E402  (bench/ is on sys.path when run as a script)
 

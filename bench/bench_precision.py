@@ -16,7 +16,7 @@ from _common import Passage, read_jsonl  # noqa: E402
 
 from rag_ray.encoders import DEFAULT_ENCODER  # noqa: E402
 from rag_ray.generator import Generator  # noqa: E402
-from rag_ray.model import rag_token_nll  # noqa: E402
+from rag_ray.losses import rag_token_nll  # noqa: E402
 
 torch.set_num_threads(2)
 corpus = {d["id"]: Passage(d["title"], d["text"]) for d in read_jsonl("../shared/data/squad-open/corpus.jsonl")}

@@ -114,7 +114,7 @@ def test_losses_equal_transformers(tokenizer, copy_head, eps):
 
 def test_sequence_loglik_equals_transformers_exclude_bos(tokenizer):
     """The per-sequence log-likelihoods RAG-Sequence rescoring uses (exclude_bos_score=True)."""
-    from rag_ray.model import rag_sequence_nll
+    from rag_ray.losses import rag_sequence_nll
 
     model = tiny_model(tokenizer, copy_head=True)
     inputs, scores, labels = hf_inputs(model, 4)
