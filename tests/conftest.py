@@ -73,3 +73,38 @@ def ray_local():
     start_local_ray()
     yield ray
     ray.shutdown()
+
+
+def write_vector_index(root, vectors, shards: int = 2, version: str = "v0001"):
+    """A Flat index of hand-made vectors in the versioned layout (``root/vNNNN`` + ``current``),
+    written with the real IndexShard and manifest code; returns (version dir, passage ids)."""
+    from pathlib import Path
+
+    from rag_ray.manifest import EncoderInfo, IndexManifest, ShardInfo, set_current
+    from rag_ray.shard import IndexShard
+
+    root = Path(root)
+    directory = root / version
+    ids = [f"d{i:04d}::0" for i in range(len(vectors))]
+    infos = []
+    for s in range(shards):
+        rows = list(range(s, len(vectors), shards))
+        shard = IndexShard(vectors.shape[1])
+        shard.add([ids[i] for i in rows], [ids[i][:5] for i in rows], ["t"] * len(rows), [f"text {ids[i]}" for i in rows],
+                  vectors[rows])
+        shard.finalize()
+        infos.append(ShardInfo(f"shard-{s:05d}", len(rows), shard.save(directory / f"shard-{s:05d}")))
+    IndexManifest(EncoderInfo("hand-made", vectors.shape[1], "mean", False, 16), "flat", {}, infos,
+                  len(vectors)).write(directory)
+    set_current(root, version)
+    return directory, ids
+
+
+def exact_topk(vectors, queries, ids, k):
+    """Ground truth: passage ids and scores of one faiss.IndexFlatIP over all vectors."""
+    import faiss
+
+    single = faiss.IndexFlatIP(vectors.shape[1])
+    single.add(vectors)
+    scores, rows = single.search(queries, k)
+    return [[ids[r] for r in row] for row in rows], scores

@@ -13,6 +13,7 @@ from conftest import TOY_QUESTIONS, start_local_ray
 from rag_ray.cli import main
 from rag_ray.config import IndexConfig, load_config
 from rag_ray.indexing import build_index
+from rag_ray.manifest import resolve_index
 from rag_ray.retriever import Retriever
 
 
@@ -26,7 +27,8 @@ def indexes(ray_local, toy_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("idx")
     m3 = _build(toy_corpus, root / "three", 3)
     m1 = _build(toy_corpus, root / "one", 1)
-    return {"three": (root / "three", m3), "one": (root / "one", m1)}
+    # the version directories the builds wrote (<root>/vNNNN, named by <root>/current)
+    return {"three": (resolve_index(root / "three"), m3), "one": (resolve_index(root / "one"), m1)}
 
 
 def _top(retriever, encoder, k=4):
@@ -151,8 +153,17 @@ def test_cli_index_search_eval_json(ray_local, toy_corpus, toy_questions, tmp_pa
     assert main(["index", "--corpus", toy_corpus, "--out", str(out), "--shards", "2", "--bf16", "--json"]) == 0
     built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert built["passages"] == 9 and built["shards"] == 2
-    assert main(["index", "--corpus", toy_corpus, "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    # building again adds a version and moves `current`; the first version stays intact
+    first = resolve_index(out)
+    assert first.name == "v0001" and (out / "current").read_text().strip() == "v0001"
+    assert main(["index", "--corpus", toy_corpus, "--out", str(out), "--shards", "2"]) == 0
+    capsys.readouterr()
+    assert resolve_index(out).name == "v0002" and (first / "manifest.json").is_file()
+    (tmp_path / "not_an_index").mkdir()
+    (tmp_path / "not_an_index" / "notes.txt").write_text("mine")
+    assert main(["index", "--corpus", toy_corpus, "--out", str(tmp_path / "not_an_index")]) == 2
+    assert "is not a rag_ray index root" in capsys.readouterr().err
+    assert (tmp_path / "not_an_index" / "notes.txt").read_text() == "mine"
     assert main(["search", "--index", str(out), "-k", "2", "--json", "Who created Python?"]) == 0
     hits = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["hits"]
     assert len(hits) == 2 and hits[0]["doc_id"] == "python"

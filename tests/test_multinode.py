@@ -1,24 +1,44 @@
-"""Shards spread over the nodes of a real multi-node Ray cluster (ray.cluster_utils.Cluster)."""
+"""Shards on a real multi-node Ray cluster (ray.cluster_utils.Cluster): spread over the nodes,
+and a shard whose node dies comes back complete on a node that is still alive."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from rag_ray.shard import IndexShard
+from conftest import exact_topk, write_vector_index
+from rag_ray.shards import ShardSet
+
+NODE = {"num_cpus": 1, "object_store_memory": 200 * 1024**2}
+
+
+def _cluster(nodes: int):
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=NODE)
+    for _ in range(nodes - 1):
+        cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    _wait_until_schedulable_on_every_node()
+    return cluster
 
 
 @pytest.fixture()
 def two_node_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 * 1024**2})
-    cluster.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    _wait_until_schedulable_on_every_node()
+    cluster = _cluster(2)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture()
+def three_node_cluster():
+    cluster = _cluster(3)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -27,8 +47,6 @@ def two_node_cluster():
 def _wait_until_schedulable_on_every_node(timeout_s: float = 60.0) -> None:
     """The GCS lists a new node before the head's raylet can place work on it; until then a soft
     node-affinity request silently falls back to the head. Wait until each node takes a task."""
-    import time
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
@@ -44,26 +62,38 @@ def _wait_until_schedulable_on_every_node(timeout_s: float = 60.0) -> None:
 
 
 def test_index_shards_live_on_different_nodes_and_search_merges(two_node_cluster, tmp_path):
-    from rag_ray.manifest import EncoderInfo, IndexManifest, ShardInfo
-    from rag_ray.retriever import Retriever
-
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(40, 8)).astype(np.float32)
-    ids = [f"d{i:02d}::0" for i in range(40)]
-    infos = []
-    for s in range(2):
-        shard = IndexShard(8)
-        rows = list(range(s, 40, 2))
-        shard.add([ids[i] for i in rows], [ids[i][:3] for i in rows], ["t"] * 20, ["x"] * 20, vecs[rows])
-        shard.finalize()
-        infos.append(ShardInfo(f"shard-{s:05d}", 20, shard.save(tmp_path / f"shard-{s:05d}")))
-    IndexManifest(EncoderInfo("hand-made", 8, "mean", False, 16), "flat", {}, infos, 40).write(tmp_path)
-
-    retriever = Retriever.load(tmp_path, spread=True)
+    write_vector_index(tmp_path / "two", vecs, shards=2)[1]
+    shards = ShardSet.start(tmp_path / "two")
+    retriever = shards.retriever()
     nodes = {s["node_id"] for s in retriever.stats()}
     assert len(nodes) == 2, f"shards were not spread: {retriever.stats()}"
     q = rng.normal(size=(3, 8)).astype(np.float32)
-    res = retriever.search(q, 5)
-    expected = np.argsort(-(q @ vecs.T), axis=1)[:, :5]
-    assert [[h.passage_id for h in hits] for hits in res.hits] == [[ids[i] for i in row] for row in expected]
-    retriever.shutdown()
+    expected, _ = exact_topk(vecs, q, [f"d{i:04d}::0" for i in range(40)], 5)
+    assert [[h.passage_id for h in hits] for hits in retriever.search(q, 5).hits] == expected
+    shards.retire()
+
+
+def test_a_shard_whose_node_dies_comes_back_on_a_live_node(three_node_cluster, tmp_path):
+    """The index directory is on storage every node sees (here: the same disk)."""
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(90, 8)).astype(np.float32)
+    _, ids = write_vector_index(tmp_path / "three", vecs, shards=3)
+    shards = ShardSet.start(tmp_path / "three")
+    retriever = shards.retriever(timeout_s=180)
+    q = rng.normal(size=(4, 8)).astype(np.float32)
+    expected, _ = exact_topk(vecs, q, ids, 10)
+    placed = [s["node_id"] for s in retriever.stats()]
+    assert len(set(placed)) == 3, f"shards were not spread: {placed}"
+    head = ray.get_runtime_context().get_node_id()
+    victim_shard = next(i for i, n in enumerate(placed) if n != head)
+    victim = next(n for n in three_node_cluster.list_all_nodes() if n.node_id == placed[victim_shard])
+    three_node_cluster.remove_node(victim)
+    # The search waits out the restart (the shard's placement bundle moves to a live node) and
+    # returns the complete top-k; it never returns a partial result.
+    assert [[h.passage_id for h in hits] for hits in retriever.search(q, 10).hits] == expected
+    moved = ray.get(shards.actors[victim_shard].stats.remote())
+    alive = {nd["NodeID"] for nd in ray.nodes() if nd["Alive"]}
+    assert moved["node_id"] != placed[victim_shard] and moved["node_id"] in alive and moved["passages"] == 30
+    shards.retire()
