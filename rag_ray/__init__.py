@@ -1,7 +1,7 @@
 """rag_ray: Retrieval-Augmented Generation (Lewis et al., 2020) as a distributed Ray application.
 
-Indexing (Ray Data -> IndexShard actors), retrieval (Retriever), the RAG model (RagModel), and
-joint fine-tuning (Ray Train). Public names are imported lazily, so ``import rag_ray`` stays cheap
+Indexing (Ray Data -> IndexShard actors), the index as a service (ShardSet) and its search client
+(Retriever), the RAG model (RagModel), answering (RagPipeline), and joint fine-tuning (Ray Train). Public names are imported lazily, so ``import rag_ray`` stays cheap
 and the CLI starts without loading torch until a command needs it.
 """
 
@@ -17,6 +17,11 @@ _EXPORTS = {
     "IndexShard": "rag_ray.shard",
     "IndexManifest": "rag_ray.manifest",
     "Retriever": "rag_ray.retriever",
+    "ShardSet": "rag_ray.shards",
+    "RagPipeline": "rag_ray.pipeline",
+    "RagAnswer": "rag_ray.pipeline",
+    "RagRayError": "rag_ray.errors",
+    "Mode": "rag_ray.types",
     "build_index": "rag_ray.indexing",
     "Generator": "rag_ray.generator",
     "RagModel": "rag_ray.model",

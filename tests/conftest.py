@@ -108,3 +108,38 @@ def exact_topk(vectors, queries, ids, k):
     single.add(vectors)
     scores, rows = single.search(queries, k)
     return [[ids[r] for r in row] for row in rows], scores
+
+
+def build_tiny_rag(root, corpus: str, n_docs: int = 2):
+    """A tiny passage encoder, the corpus indexed with it at ``root/index``, and an untrained tiny
+    RAG model (that encoder as query encoder, a 1-layer BERT2BERT with the copy head) saved at
+    ``root/init_model``. Needs a running Ray (the index build uses Ray Data)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, BertModel, EncoderDecoderModel
+
+    from rag_ray.config import IndexConfig, load_config
+    from rag_ray.copy_head import PointerGenerator
+    from rag_ray.encoders import Encoder, resolve_model_path
+    from rag_ray.generator import Generator, _set_special_tokens
+    from rag_ray.indexing import build_index
+    from rag_ray.model import RagConfig, RagModel
+    from rag_ray.types import DEFAULT_ENCODER
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_ENCODER))
+
+    def bert(**kw) -> BertConfig:
+        return BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=128, **kw)
+
+    torch.manual_seed(0)
+    encoder = Encoder(BertModel(bert()), tok, name="tiny-dpr", pooling="mean", normalize=True, max_length=64)
+    encoder.save_pretrained(root / "passage_encoder")
+    build_index(load_config(IndexConfig, overrides={"corpus": [corpus], "out": str(root / "index"), "shards": 2,
+                                                   "encoder.name": str(root / "passage_encoder")}))
+    ed = EncoderDecoderModel(encoder=BertModel(bert()),
+                             decoder=BertLMHeadModel(bert(is_decoder=True, add_cross_attention=True)))
+    _set_special_tokens(ed, tok)
+    generator = Generator(PointerGenerator(ed), tok, max_source_length=64, max_target_length=8)
+    query_encoder = Encoder.from_pretrained(str(root / "passage_encoder"))
+    RagModel(query_encoder, generator, RagConfig(n_docs=n_docs)).save_pretrained(root / "init_model")
+    return root / "index", root / "init_model"

@@ -1,0 +1,80 @@
+"""RagPipeline and `rag-ray ask`: question in, answer with its passages out (real Ray, tiny model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TOY_QUESTIONS, build_tiny_rag
+from rag_ray.cli import main
+from rag_ray.errors import RagRayError, user_error
+from rag_ray.model import RagModel
+from rag_ray.pipeline import RagPipeline
+from rag_ray.retriever import Retriever
+
+
+@pytest.fixture(scope="module")
+def tiny(ray_local, toy_corpus, tmp_path_factory):
+    return build_tiny_rag(tmp_path_factory.mktemp("pipeline"), toy_corpus, n_docs=2)
+
+
+def test_answer_carries_passages_with_prior_and_posterior(tiny):
+    index, model_dir = tiny
+    model = RagModel.from_pretrained(model_dir, device="cpu")
+    retriever = Retriever.load(index, query_encoder=model.query_encoder)
+    pipeline = RagPipeline(model, retriever)
+    questions = [q["question"] for q in TOY_QUESTIONS[:3]]
+    answers = pipeline.answer(questions, mode="sequence", n_docs=2, decoding="fast", max_new_tokens=4)
+    retrieved = pipeline.retrieve(questions, 2)
+    for question, answer, hits in zip(questions, answers, retrieved.hits):
+        assert answer.question == question and isinstance(answer.answer, str) and np.isfinite(answer.score)
+        assert [p.passage_id for p in answer.passages] == [h.passage_id for h in hits]
+        assert sum(p.prior for p in answer.passages) == pytest.approx(1.0, abs=1e-5)
+        assert sum(p.posterior for p in answer.passages) == pytest.approx(1.0, abs=1e-5)
+        # the prior is the softmax of the very q·d scores the index returned
+        scores = np.array([p.score for p in answer.passages])
+        np.testing.assert_allclose([p.prior for p in answer.passages], np.exp(scores) / np.exp(scores).sum(),
+                                   atol=1e-4)
+    closed = RagPipeline(model).answer(questions[:1], mode="closed_book", max_new_tokens=4)
+    assert closed[0].passages == []
+    with pytest.raises(RagRayError, match="no index"):
+        RagPipeline(model).answer(questions[:1], mode="sequence")
+    retriever.shutdown()
+
+
+def test_rag_ray_ask_prints_answers_and_passages(tiny, capsys):
+    index, model_dir = tiny
+    question = TOY_QUESTIONS[1]["question"]
+    assert main(["ask", "--model", str(model_dir), "--index", str(index), "--json", "--max-new-tokens", "4",
+                 question]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(row) == {"question", "answer", "score", "passages"} and row["question"] == question
+    assert len(row["passages"]) == 2
+    assert set(row["passages"][0]) == {"passage_id", "doc_id", "title", "text", "score", "prior", "posterior"}
+    assert main(["ask", "--model", str(model_dir), "--index", str(index), "--max-new-tokens", "4", question]) == 0
+    text = capsys.readouterr().out
+    assert f"Q: {question}" in text and "A: " in text and "posterior" in text and row["passages"][0]["title"] in text
+    assert main(["ask", "--model", str(model_dir), "--index", str(index), " "]) == 2
+    assert "non-empty question" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys):
+    assert main(["ask", "--model", str(tmp_path), "--index", str(tmp_path), "q?"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a saved RagModel" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert user_error(ValueError("an internal bug")) is None
+    assert user_error(RuntimeError("wrapper")) is None
+    wrapped = RuntimeError("task failed")
+    wrapped.cause = RagRayError("bad row")  # how Ray's task errors carry the original
+    assert str(user_error(wrapped)) == "bad row"
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from rag_ray.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'faiss', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
