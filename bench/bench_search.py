@@ -54,7 +54,8 @@ def main() -> None:
     import ray
 
     from rag_ray.manifest import EncoderInfo, IndexManifest, ShardInfo
-    from rag_ray.retriever import Retriever, shard_actor_class
+    from rag_ray.retriever import Retriever
+    from rag_ray.shards import shard_actor_class
     from rag_ray.runtime import init_ray
 
     rng = np.random.default_rng(1)
@@ -103,7 +104,8 @@ def main() -> None:
         print(f"{n_shards} shard(s): " + ", ".join(
             f"batch {b}: {lat[b] * 1e3:.1f} ms ({b / lat[b]:.0f} QPS, x{base[b] / lat[b]:.2f} of single)" for b in args.batches)
             + f"; shard RSS {[round(x) for x in row['shard_max_rss_mb']]} MiB", flush=True)
-        retriever.shutdown()
+        for s in shards:
+            ray.kill(s)
     emit(results)
 
 
