@@ -21,36 +21,31 @@ from _common import emit  # noqa: E402
 
 
 def plain_loop(cfg, retriever) -> dict:
-    """The baseline: the same steps as train_loop_per_worker, in this process, no Ray Train."""
+    """The baseline: train_loop_per_worker's ``setup`` and ``train_step`` in this process, no Ray Train."""
     import torch
 
     from rag_ray.datasets import read_questions
-    from rag_ray.training import Prefetcher, build_model, build_optimizer, qa_rows
+    from rag_ray.training import Prefetcher, qa_rows, setup, train_step
 
-    torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, torch.device("cpu"))
-    model.train()
-    optimizer, scheduler = build_optimizer(model, cfg)
-    rows = qa_rows(read_questions(cfg.train))
-    batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
-    prefetch = Prefetcher(model, retriever, cfg.n_docs, cfg.prefetch)
+    state = setup(cfg, torch.device("cpu"))
+    rows = qa_rows(read_questions(cfg.data.train))
+    size = cfg.optim.batch_size
+    batches = [{key: [r[key] for r in rows[i : i + size]] for key in ("question", "answer")}
+               for i in range(0, len(rows), size)]
+    prefetch = Prefetcher(state.model, retriever, cfg.model.n_docs, cfg.prefetch)
     start = time.perf_counter()  # same span as the Ray loop's: first retrieval to last update
-    pending = prefetch.submit([r["question"] for r in batches[0]])
-    for step in range(cfg.max_steps):
-        batch = batches[step]
-        questions = [r["question"] for r in batch]
-        result = prefetch.get(pending, questions)
-        pending = prefetch.submit([r["question"] for r in batches[step + 1]])
-        out = model.loss(questions, [r["answer"] for r in batch], result.hits, result.vectors)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+    pending = prefetch.submit(batches[0]["question"])
+    for step in range(cfg.optim.max_steps):
+        t0 = time.perf_counter()
+        result = prefetch.get(pending, batches[step]["question"])
+        pending = prefetch.submit(batches[step + 1]["question"])
+        state.timings["retrieve"] += time.perf_counter() - t0
+        train_step(state, batches[step], result)
     seconds = time.perf_counter() - start
     prefetch.close()
-    return {"steps": cfg.max_steps, "seconds": seconds, "samples_per_s": cfg.max_steps * cfg.batch_size / seconds}
+    return {"steps": cfg.optim.max_steps, "seconds": seconds,
+            "samples_per_s": cfg.optim.max_steps * size / seconds,
+            "time_split_s": {k: round(v, 2) for k, v in state.timings.items()}}
 
 
 def main() -> None:
@@ -71,21 +66,23 @@ def main() -> None:
 
     init_ray(num_cpus=max(4, os.cpu_count() or 2))
     storage = tempfile.mkdtemp(prefix="bench_train_")
-    common = {"index": args.index, "train": args.train, "dev": None, "eval_questions": 0, "init_from": args.init_from,
-              "n_docs": args.n_docs, "batch_size": args.batch_size, "max_steps": args.steps,
-              "checkpoint_every": 10**6, "eval_every": 10**6, "storage_path": storage, "max_failures": 0,
+    common = {"index": args.index, "data.train": args.train, "data.dev": None, "eval.questions": 0,
+              "model.init_from": args.init_from, "model.n_docs": args.n_docs, "optim.batch_size": args.batch_size,
+              "optim.max_steps": args.steps, "checkpoint.every": 10**6, "eval.every": 10**6,
+              "checkpoint.storage_path": storage, "checkpoint.max_failures": 0,
               "shuffle": False}  # both sides read the training questions in file order: identical batches
-    cfg = load_config(TrainConfig, overrides={**common, "torch_threads": args.threads})
+    cfg = load_config(TrainConfig, overrides={**common, "scaling.torch_threads": args.threads})
     retriever = Retriever.load(args.index)
     base = plain_loop(cfg, retriever)
     retriever.shutdown()
-    print(f"plain loop: {base['samples_per_s']:.2f} samples/s", flush=True)
+    print(f"plain loop: {base['samples_per_s']:.2f} samples/s; split {base['time_split_s']}", flush=True)
 
     rows = {}
     for workers in (1, 2):
         threads = max(1, args.threads // workers)
-        run = load_config(TrainConfig, overrides={**common, "torch_threads": threads, "num_workers": workers,
-                                                  "cpus_per_worker": threads, "name": f"bench-{workers}w"})
+        run = load_config(TrainConfig, overrides={**common, "scaling.torch_threads": threads,
+                                                  "scaling.num_workers": workers, "scaling.cpus_per_worker": threads,
+                                                  "checkpoint.name": f"bench-{workers}w"})
         report = run_training(run)
         m = report["metrics"]
         rows[workers] = {"samples_per_s": m["samples_per_s"], "steps": m["step"], "threads_per_worker": threads,

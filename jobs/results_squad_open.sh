@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 [ -f indexes/squad-open/manifest.json ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml
 run() {  # row name, then overrides
   local row=$1; shift
-  "$BIN/rag-ray" train --config "$CFG" --set name="$row" --set report="$OUT/$row.json" "$@" "${EXTRA[@]}" \
+  "$BIN/rag-ray" train --config "$CFG" --set checkpoint.name="$row" --set report="$OUT/$row.json" "$@" "${EXTRA[@]}" \
     > "$OUT/$row.log" 2>&1 || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
   echo "done: $row"
 }
@@ -23,11 +23,11 @@ EXTRA=("$@")
     > "$OUT/reader.log" 2>&1 || { echo "reader failed; see $OUT/reader.log"; exit 1; }
 READER=$("$BIN/python" -c "import json, sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/reader.json")
 echo "reader: $READER"
-EXTRA+=(--set init_from="$READER")
-run closed-book      --set mode=closed_book --set eval_decoding=greedy
-run rag-seq-frozen   --set freeze_query_encoder=true
+EXTRA+=(--set model.init_from="$READER")
+run closed-book      --set model.mode=closed_book --set eval.decoding=greedy
+run rag-seq-frozen   --set model.freeze_query_encoder=true
 run rag-seq          # the config as is: RAG-Sequence, query encoder trained
-run rag-token        --set mode=token --set eval_decoding=greedy
+run rag-token        --set model.mode=token --set eval.decoding=greedy
 "$BIN/python" - "$OUT" <<'PY'
 import json, sys, pathlib
 print(f"{'run':<18}{'EM':>7}{'F1':>7}{'R@5':>7}{'steps':>7}{'min':>7}")

@@ -11,18 +11,20 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
-from rag_ray.types import DEFAULT_ENCODER
+from rag_ray.errors import RagRayError
+from rag_ray.types import DEFAULT_ENCODER, Mode
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """All problems found in one config, one per line."""
+class ConfigError(RagRayError):
+    """All problems found in one config, one per line (a user error: the CLI prints it, no traceback)."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
         super().__init__(f"{source}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
@@ -30,6 +32,18 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- sections
+
+def _at_least(minimum: float, section: Any, *names: str) -> list[str]:
+    """``name: must be >= minimum`` for each named field below it; None (unset) passes."""
+    values = {n: getattr(section, n) for n in names}
+    return [f"{n}: must be >= {minimum}, got {v}" for n, v in values.items() if v is not None and v < minimum]
+
+
+def _positive(section: Any, *names: str) -> list[str]:
+    """``name: must be > 0`` for each named field that is not; None (unset) passes."""
+    values = {n: getattr(section, n) for n in names}
+    return [f"{n}: must be > 0, got {v}" for n, v in values.items() if v is not None and v <= 0]
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -82,11 +96,204 @@ class IndexConfig:
         problems = []
         if not self.corpus:
             problems.append("corpus: give at least one corpus file or directory")
-        for name in ("max_words", "shards", "hnsw_m", "ef_search", "nprobe", "embedders"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        problems += _at_least(1, self, "max_words", "shards", "hnsw_m", "ef_search", "nprobe", "embedders")
         if self.encoder.batch_size < 1 or self.encoder.max_length < 1:
             problems.append("encoder.batch_size and encoder.max_length must be >= 1")
+        return problems
+
+
+# ----------------------------------------------------------------------------- training
+
+class Objective(str, Enum):
+    """What a training step fits.
+
+    ``rag``: the answer, marginalised over retrieved passages as ``model.mode`` says.
+    ``reader``: the generator alone on (each question's gold passage, question) -> answer, with
+    p(z|x) = 1: a warm-up that teaches a small generator to read before joint training (the role
+    BART-large's pretraining plays in the paper). Its model is a RAG-Sequence model.
+    """
+
+    RAG = "rag"
+    READER = "reader"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Question files or dataset names (``squad-open:train``); ``corpus`` feeds the reader objective."""
+
+    train: str = "squad-open:train"
+    #: None: no evaluation during training
+    dev: str | None = "squad-open:dev"
+    #: where the reader objective looks up each question's gold passage by doc_id
+    corpus: str | None = None
+
+    def validate(self) -> list[str]:
+        return [] if self.train else ["train: give a questions file or dataset name"]
+
+
+@dataclass(frozen=True)
+class TrainModel:
+    """The RagModel to train: ``init_from`` a saved model, else fresh from the two checkpoints."""
+
+    init_from: str | None = None
+    query_encoder: str = DEFAULT_ENCODER
+    generator: str = DEFAULT_ENCODER
+    #: None: the generator's own default (the pointer-generator copy head for BERT2BERT)
+    copy_head: bool | None = None
+    mode: Mode = Mode.SEQUENCE
+    n_docs: int = 5
+    freeze_query_encoder: bool = False
+    label_smoothing: float = 0.0
+    #: None: keep the generator's own limits
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+
+    def validate(self) -> list[str]:
+        problems = _at_least(1, self, "n_docs", "max_source_length", "max_target_length")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        return problems
+
+
+@dataclass(frozen=True)
+class TrainOptim:
+    """AdamW, linear warm-up then linear decay to zero at ``max_steps``; sizes are per worker.
+
+    ``max_minutes`` (optional) stops all workers at the same step once the wall-clock budget is
+    spent, which is how same-budget comparisons are made.
+    """
+
+    batch_size: int = 8
+    lr: float = 1e-4
+    #: the query encoder starts well trained and wants a smaller step; None: ``lr``
+    query_encoder_lr: float | None = 1e-5
+    #: the copy head's pointer/gate weights start from scratch and want a larger step (measured:
+    #: lr 3e-4 + head 3e-3 gave EM 4.0 after 96 reader steps, 1e-4 + 1e-3 gave 0.0; bench_copy_head);
+    #: None: ``lr``
+    copy_head_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    #: max gradient norm; 0 disables clipping
+    grad_clip: float = 1.0
+    #: bf16 autocast for the training forward/backward (weights and optimizer stay fp32): 1.4x
+    #: faster steps on AVX512-BF16 CPUs, and the usual choice on GPUs; p(z|x) stays fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def validate(self) -> list[str]:
+        return (_at_least(1, self, "batch_size", "max_steps")
+                + _at_least(0, self, "warmup_steps", "weight_decay", "grad_clip")
+                + _positive(self, "lr", "query_encoder_lr", "copy_head_lr", "max_minutes"))
+
+
+@dataclass(frozen=True)
+class TrainEval:
+    """Dev evaluation on rank 0 every ``every`` steps and at the end."""
+
+    every: int = 200
+    #: dev questions per evaluation; 0: no evaluation
+    questions: int = 200
+    #: one of ``model.mode.decodings``; None: the mode's default (the first)
+    decoding: str | None = None
+    num_beams: int = 1
+    max_new_tokens: int = 16
+
+    def validate(self) -> list[str]:
+        return _at_least(1, self, "every", "num_beams", "max_new_tokens") + _at_least(0, self, "questions")
+
+
+@dataclass(frozen=True)
+class TrainCheckpoint:
+    """Checkpoints under ``storage_path/name`` (a local path or a URI such as s3://...)."""
+
+    every: int = 200
+    storage_path: str = "runs"
+    name: str = "rag-squad-open"
+    #: another run's checkpoint folder to start from (a restarted worker resumes from this run's own)
+    resume_from: str | None = None
+    num_to_keep: int = 2
+    #: worker failures Ray Train recovers from (each resumes from the latest checkpoint); -1: no limit
+    max_failures: int = 2
+
+    def validate(self) -> list[str]:
+        problems = _at_least(1, self, "every", "num_to_keep") + _at_least(-1, self, "max_failures")
+        return problems + ([] if self.name else ["name: give the run a name"])
+
+
+@dataclass(frozen=True)
+class TrainScaling:
+    """Ray Train's ScalingConfig: one DDP worker per GPU (nccl) or per CPU slot (gloo)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    #: None: torch's default thread count
+    torch_threads: int | None = None
+
+    def validate(self) -> list[str]:
+        return _at_least(1, self, "num_workers", "torch_threads") + _positive(self, "cpus_per_worker")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``rag-ray train``: joint fine-tuning of query encoder + generator against a frozen index.
+
+    ``objective: reader`` trains the generator alone on gold passages looked up in ``data.corpus``
+    (see :class:`Objective`); its model is an ``model.init_from`` for the ``rag`` runs, and is
+    evaluated as RAG-Sequence over ``index`` when one is given.
+    """
+
+    #: the frozen index searched in training and evaluation; None for closed-book or reader runs
+    index: str | None = "indexes/squad-open"
+    objective: Objective = Objective.RAG
+    seed: int = 0
+    #: where to write the final report (JSON); None: only returned
+    report: str | None = None
+    log_every: int = 10
+    #: retrieve batch t+1 on a thread while batch t computes
+    prefetch: bool = True
+    #: False: file order (benchmarks feed identical batches)
+    shuffle: bool = True
+    #: record the first batches' retrieved passage ids in the metrics (tests compare them)
+    log_retrievals: bool = False
+    data: TrainData = field(default_factory=TrainData)
+    model: TrainModel = field(default_factory=TrainModel)
+    optim: TrainOptim = field(default_factory=TrainOptim)
+    eval: TrainEval = field(default_factory=TrainEval)
+    checkpoint: TrainCheckpoint = field(default_factory=TrainCheckpoint)
+    scaling: TrainScaling = field(default_factory=TrainScaling)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def retrieves_in_training(self) -> bool:
+        """Whether training steps search the index (the rag objective in a retrieving mode)."""
+        return self.objective is Objective.RAG and self.model.mode.retrieves
+
+    @property
+    def trains_query_encoder(self) -> bool:
+        """Only retrieval in the loss gives the query encoder a gradient."""
+        return self.retrieves_in_training and not self.model.freeze_query_encoder
+
+    def validate(self) -> list[str]:
+        problems = _at_least(1, self, "log_every")
+        for name in ("data", "model", "optim", "eval", "checkpoint", "scaling"):
+            problems += [f"{name}.{p}" for p in getattr(self, name).validate()]
+        mode = self.model.mode
+        if self.retrieves_in_training and self.index is None:
+            problems.append(f"index: model.mode {mode.value!r} retrieves passages, give an index directory")
+        if self.objective is Objective.READER:
+            if self.data.corpus is None:
+                problems.append("data.corpus: objective 'reader' reads each question's gold passage from a "
+                                "corpus (a corpus file or 'squad-open')")
+            if mode is not Mode.SEQUENCE:
+                problems.append(f"model.mode: objective 'reader' trains a RAG-Sequence model, got {mode.value!r}")
+        if self.eval.decoding is not None and self.eval.decoding not in mode.decodings:
+            problems.append(f"eval.decoding: {self.eval.decoding!r} does not apply to model.mode {mode.value!r} "
+                            f"(use one of {list(mode.decodings)})")
         return problems
 
 
@@ -125,6 +332,12 @@ def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, tp):
             return value
         return _build(tp, value, where, problems)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            problems.append(f"{where}: {value!r} is not one of {[m.value for m in tp]}")
+            return value
     if tp is Any:
         return value
     if tp is bool:
@@ -169,7 +382,12 @@ def _build(cls: type[T], data: Any, where: str, problems: list[str]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            problems.append(f"{where + '.' if where else ''}{key}: unknown field (known: {', '.join(sorted(names))})")
+            # a field that moved into a section (e.g. ``lr`` -> ``optim.lr``) is named there
+            moved = [f"{where + '.' if where else ''}{name}.{key}" for name, tp in hints.items()
+                     if dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp)}]
+            hint = f"; did you mean {' or '.join(moved)}?" if moved else ""
+            problems.append(f"{where + '.' if where else ''}{key}: unknown field "
+                            f"(known: {', '.join(sorted(names))}){hint}")
     kwargs = {k: _convert(hints[k], v, f"{where + '.' if where else ''}{k}", problems)
               for k, v in data.items() if k in names}
     try:
@@ -222,95 +440,18 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """A config as plain YAML/JSON values (an enum as its value), so reports and checkpoint
+    metadata are readable anywhere and ``load_config(cls, overrides=to_dict(cfg))`` rebuilds it."""
+    return _plain(cfg)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """``rag-ray train``: joint fine-tuning of query encoder + generator against a frozen index.
-
-    ``max_steps`` bounds the run; ``max_minutes`` (optional) stops all workers at the same step
-    once the wall-clock budget is spent, which is how same-budget comparisons are made.
-
-    ``mode: reader`` trains the generator alone on (gold passage, question) -> answer, with the
-    gold passage looked up in ``corpus`` by each question's doc_id: a warm-up that teaches a small
-    generator to read before joint training (the role BART-large's pretraining plays in the
-    paper). Its output model is an ``init_from`` for the other modes.
-    """
-
-    index: str | None = "indexes/squad-open"
-    train: str = "squad-open:train"
-    dev: str | None = "squad-open:dev"
-    init_from: str | None = None
-    query_encoder: str = DEFAULT_ENCODER
-    generator: str = DEFAULT_ENCODER
-    copy_head: bool | None = None
-    mode: Literal["sequence", "token", "closed_book", "reader"] = "sequence"
-    corpus: str | None = None
-    freeze_query_encoder: bool = False
-    n_docs: int = 5
-    batch_size: int = 8
-    lr: float = 1e-4
-    query_encoder_lr: float | None = 1e-5
-    #: the copy head's pointer/gate weights start from scratch and want a larger step (measured:
-    #: lr 3e-4 + head 3e-3 gave EM 4.0 after 96 reader steps, 1e-4 + 1e-3 gave 0.0; bench_copy_head)
-    copy_head_lr: float | None = None
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    max_steps: int = 1000
-    max_minutes: float | None = None
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0
-    max_source_length: int | None = None
-    max_target_length: int | None = None
-    #: bf16 autocast for the training forward/backward (weights and optimizer stay fp32): 1.4x
-    #: faster steps on AVX512-BF16 CPUs, and the usual choice on GPUs; p(z|x) stays fp32.
-    precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = 10
-    eval_every: int = 200
-    eval_questions: int = 200
-    eval_decoding: Literal["greedy", "beam", "thorough", "fast"] | None = None
-    eval_num_beams: int = 1
-    eval_max_new_tokens: int = 16
-    checkpoint_every: int = 200
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    torch_threads: int | None = None
-    prefetch: bool = True
-    shuffle: bool = True
-    storage_path: str = "runs"
-    name: str = "rag-squad-open"
-    max_failures: int = 2
-    resume_from: str | None = None
-    report: str | None = None
-    log_retrievals: bool = False
-    seed: int = 0
-    ray: RayConfig = field(default_factory=RayConfig)
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.mode in ("sequence", "token") and not self.index:
-            problems.append(f"index: mode {self.mode!r} retrieves passages, give an index directory")
-        if self.mode == "reader" and not self.corpus:
-            problems.append("corpus: mode 'reader' reads each question's gold passage from a corpus "
-                            "(a corpus file or 'squad-open')")
-        for name in ("n_docs", "batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every",
-                     "num_workers", "eval_num_beams", "eval_max_new_tokens"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"lr: must be > 0, got {self.lr}")
-        if self.eval_questions < 0 or self.warmup_steps < 0:
-            problems.append("eval_questions and warmup_steps must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            problems.append(f"max_minutes: must be > 0, got {self.max_minutes}")
-        # a reader is evaluated as RAG-Sequence over retrieved passages (when an index is given)
-        decodings = {"sequence": ("thorough", "fast"), "token": ("greedy", "beam"), "closed_book": ("greedy", "beam"),
-                     "reader": ("thorough", "fast")}
-        if self.eval_decoding and self.eval_decoding not in decodings[self.mode]:
-            problems.append(f"eval_decoding: {self.eval_decoding!r} does not apply to mode {self.mode!r} "
-                            f"(use one of {decodings[self.mode]})")
-        return problems
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

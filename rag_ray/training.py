@@ -5,6 +5,11 @@ passages and their stored vectors (workers hold no copy of the index), recompute
 the query encoder's output so the answer loss trains it, and updates query encoder + generator
 under DDP (gloo on CPU, nccl on GPU). Retrieval for the next batch runs in a background thread
 while the current batch computes. The passage encoder and the index stay frozen.
+
+A worker runs ``setup`` (model, optimizer, schedule: fresh or from a checkpoint), then
+``train_step`` once per batch, and every ``checkpoint.every`` / ``eval.every`` steps reports
+metrics, a dev evaluation and a checkpoint. bench/bench_train.py times the same ``setup`` and
+``train_step`` in a plain loop as its baseline.
 """
 
 from __future__ import annotations
@@ -14,16 +19,20 @@ import os
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from rag_ray.config import TrainConfig, load_config, to_dict
+from rag_ray.config import Objective, TrainConfig, to_dict
 from rag_ray.datasets import QAExample, read_questions
+from rag_ray.errors import RagRayError
 from rag_ray.evaluation import evaluate_qa, retrieve
 from rag_ray.types import Passage, SearchResult
+
+if TYPE_CHECKING:
+    from rag_ray.model import RagModel
 
 
 TRAIN_STATE = "train_state.pt"
@@ -32,51 +41,47 @@ MODEL_DIR = "model"
 
 # ----------------------------------------------------------------------------- model setup
 
-def build_model(cfg: TrainConfig, device: torch.device):
+def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
     """The RagModel to train: from a saved model directory, or fresh from checkpoints."""
     from rag_ray.model import RagModel
 
-    common = {"mode": model_mode(cfg.mode), "n_docs": cfg.n_docs, "label_smoothing": cfg.label_smoothing}
-    if cfg.init_from:
-        model = RagModel.from_pretrained(cfg.init_from, device=device)
-        model.config = type(model.config)(**{**asdict(model.config), **common})
+    m = cfg.model
+    common = {"mode": m.mode, "n_docs": m.n_docs, "label_smoothing": m.label_smoothing}
+    if m.init_from is not None:
+        model = RagModel.from_pretrained(m.init_from, device=device)
+        model.config = replace(model.config, **common)
     else:
-        model = RagModel.from_components(cfg.query_encoder, cfg.generator, copy_head=cfg.copy_head,
-                                         device=device, **common)
-    if cfg.max_source_length:
-        model.generator.max_source_length = cfg.max_source_length
-    if cfg.max_target_length:
-        model.generator.max_target_length = cfg.max_target_length
-    if cfg.freeze_query_encoder or cfg.mode in ("closed_book", "reader"):
+        model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device, **common)
+    if m.max_source_length is not None:
+        model.generator.max_source_length = m.max_source_length
+    if m.max_target_length is not None:
+        model.generator.max_target_length = m.max_target_length
+    if not cfg.trains_query_encoder:
         model.query_encoder.requires_grad_(False)
     return model
 
 
-def model_mode(train_mode: str) -> str:
-    """The RagModel mode a training mode produces: a reader is used (and evaluated) as RAG-Sequence."""
-    return "sequence" if train_mode == "reader" else train_mode
-
-
-def build_optimizer(model, cfg: TrainConfig):
+def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with a smaller learning rate for the query encoder (it starts well trained), an
     optionally larger one for the copy head (new weights), and linear warm-up then linear decay
     to zero at ``max_steps``."""
+    o = cfg.optim
     head = [p for p in model.generator.model.head_parameters() if p.requires_grad] if model.generator.copy_head else []
     head_ids = {id(p) for p in head}
     groups = [{"params": [p for p in model.generator.parameters() if p.requires_grad and id(p) not in head_ids],
-               "lr": cfg.lr}]
+               "lr": o.lr}]
     if head:  # the copy head starts from random weights
-        groups.append({"params": head, "lr": cfg.copy_head_lr or cfg.lr})
+        groups.append({"params": head, "lr": o.lr if o.copy_head_lr is None else o.copy_head_lr})
     q_params = [p for p in model.query_encoder.parameters() if p.requires_grad]
     if q_params:
-        groups.append({"params": q_params, "lr": cfg.query_encoder_lr or cfg.lr})
+        groups.append({"params": q_params, "lr": o.lr if o.query_encoder_lr is None else o.query_encoder_lr})
     # fused AdamW: one kernel over all parameters (CPU and CUDA), measured 5.6% of a CPU step unfused
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=True)
 
     def schedule(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        return max(0.0, (o.max_steps - step) / max(1, o.max_steps - o.warmup_steps))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -84,7 +89,7 @@ def build_optimizer(model, cfg: TrainConfig):
 class LossModule(torch.nn.Module):
     """What DDP wraps: ``forward`` is one RAG loss computation, so DDP's gradient hooks fire."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: RagModel) -> None:
         super().__init__()
         self.model = model
 
@@ -92,6 +97,90 @@ class LossModule(torch.nn.Module):
         out = self.model.loss(questions, answers, passages, doc_vectors, question_vectors=question_vectors,
                               n_docs=n_docs)
         return out.loss, out.doc_log_prior.detach()
+
+
+# ----------------------------------------------------------------------------- setup and step
+
+@dataclass
+class TrainState:
+    """What one worker's steps read and change. ``loss_fn`` is the model's LossModule, wrapped
+    in DDP under Ray Train; ``timings`` accumulate seconds per phase for the reports."""
+
+    cfg: TrainConfig
+    model: RagModel
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    step: int = 0
+    #: the checkpoint step this run started from; None for a fresh start
+    resumed_from: int | None = None
+    timings: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("retrieve", "forward", "backward", "optimizer"), 0.0))
+    params: list[torch.nn.Parameter] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def first_step(self) -> int:
+        return 0 if self.resumed_from is None else self.resumed_from
+
+
+def setup(cfg: TrainConfig, device: torch.device, checkpoint_dir: str | None = None,
+          wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> TrainState:
+    """Threads, seed, model, optimizer and schedule, fresh or from a checkpoint folder, in
+    training mode. ``wrap`` wraps the loss module (Ray Train's ``prepare_model``: DDP)."""
+    if cfg.scaling.torch_threads is not None:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    torch.manual_seed(cfg.seed)
+    if checkpoint_dir is None:
+        model = build_model(cfg, device)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        step, resumed_from = 0, None
+    else:
+        model, optimizer, scheduler, step = load_checkpoint(checkpoint_dir, cfg, device)
+        resumed_from = step
+    model.train()
+    loss_fn = LossModule(model)
+    if wrap is not None:
+        loss_fn = wrap(loss_fn)
+    return TrainState(cfg, model, loss_fn, optimizer, scheduler, device, step, resumed_from)
+
+
+def train_step(state: TrainState, batch: dict, result: SearchResult | None) -> float:
+    """One optimizer step: forward under autocast, backward, clip, AdamW, schedule; returns the loss.
+
+    ``batch`` holds "question" and "answer" (the reader objective also the gold passage's "title"
+    and "text"); ``result`` is its retrieval, None when training does not retrieve. Adds the
+    forward/backward/optimizer seconds to ``state.timings`` (retrieval is timed by the caller).
+    """
+    cfg = state.cfg
+    questions, answers = [str(q) for q in batch["question"]], [str(a) for a in batch["answer"]]
+    t0 = time.perf_counter()
+    with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=cfg.optim.precision == "bf16"):
+        if cfg.objective is Objective.READER:  # one gold passage per question: p(z|x) = 1 whatever q·d is
+            gold = [[Passage("", "", str(t), str(x))] for t, x in zip(batch["title"], batch["text"])]
+            zeros = torch.zeros(len(questions), state.model.query_encoder.dim, device=state.device)
+            loss, _ = state.loss_fn(questions, answers, gold, zeros[:, None], zeros, n_docs=1)
+        elif result is None:  # closed book: the generator alone
+            loss, _ = state.loss_fn(questions, answers, None, None)
+        else:
+            loss, _ = state.loss_fn(questions, answers, result.hits, result.vectors)
+    t1 = time.perf_counter()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t2 = time.perf_counter()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.params, cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    t3 = time.perf_counter()
+    state.timings["forward"] += t1 - t0
+    state.timings["backward"] += t2 - t1
+    state.timings["optimizer"] += t3 - t2
+    state.step += 1
+    return float(loss.detach())
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -151,8 +240,8 @@ def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
         if gold is not None:
             out.append({**row, "title": gold.title, "text": gold.text})
     if not out:
-        raise ValueError(f"mode 'reader': no training question has a gold passage in {corpus} (questions need "
-                         "a doc_id that is a document id of the corpus)")
+        raise RagRayError(f"objective 'reader': no training question has a gold passage in {corpus} (questions need "
+                          "a doc_id that is a document id of the corpus)")
     return out, len(rows) - len(out)
 
 
@@ -168,27 +257,27 @@ def cycle_batches(shard, batch_size: int, seed: int, shuffle: bool = True) -> It
             n += 1
             yield batch
         if n == 0:
-            raise ValueError(f"a worker's share of the training set is smaller than one batch of {batch_size}; "
-                             "use fewer workers, a smaller batch_size or more data")
+            raise RagRayError(f"a worker's share of the training set is smaller than one batch of {batch_size}; "
+                              "use fewer scaling.num_workers, a smaller optim.batch_size or more data")
         epoch += 1
 
 
-# ----------------------------------------------------------------------------- evaluation
-
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(directory: str, model, optimizer, scheduler, step: int, metrics: dict) -> None:
-    """Model directory (safetensors) + optimizer/scheduler state + step, in one folder."""
-    model.save_pretrained(Path(directory) / MODEL_DIR)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-               Path(directory) / TRAIN_STATE)
+def save_checkpoint(directory: str, state: TrainState, metrics: dict, metadata: dict) -> None:
+    """Model directory (safetensors, with ``metadata``: the TrainConfig and the index it was
+    trained against) + optimizer/scheduler state + step, in one folder."""
+    model_dir = Path(directory) / MODEL_DIR
+    state.model.save_pretrained(model_dir, metadata=metadata)
+    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                "step": state.step}, Path(directory) / TRAIN_STATE)
     (Path(directory) / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def load_checkpoint(directory: str, cfg: TrainConfig, device: torch.device):
     """(model, optimizer, scheduler, step) from a checkpoint folder; tensors only (weights_only)."""
-    model = build_model(load_config(TrainConfig, overrides={**_flat(to_dict(cfg)),
-                                                            "init_from": str(Path(directory) / MODEL_DIR)}), device)
+    saved = replace(cfg, model=replace(cfg.model, init_from=str(Path(directory) / MODEL_DIR)))
+    model = build_model(saved, device)
     optimizer, scheduler = build_optimizer(model, cfg)
     state = torch.load(Path(directory) / TRAIN_STATE, map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -196,142 +285,138 @@ def load_checkpoint(directory: str, cfg: TrainConfig, device: torch.device):
     return model, optimizer, scheduler, int(state["step"])
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # ----------------------------------------------------------------------------- the loop
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: config = {"cfg": TrainConfig as dict, "retriever": Retriever|None, "dev": rows}."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class Progress:
+    """Loss and throughput for the logs (since the last report) and the reports (since the start)."""
 
-    cfg = load_config(TrainConfig, overrides=_flat(config["cfg"]))
-    retriever = config.get("retriever")
-    dev_rows = config.get("dev") or []
+    world: int
+    #: seconds until Ray Data's streaming split delivered the first batch, kept out of the rates
+    first_batch_s: float
+    run_start: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    window_loss: float = 0.0
+    window_steps: int = 0
+    window_samples: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, batch_size: int) -> None:
+        self.samples += batch_size * self.world
+        self.window_samples += batch_size * self.world
+        self.window_loss += loss
+        self.window_steps += 1
+
+    def new_window(self) -> None:
+        self.window_loss, self.window_steps, self.window_samples = 0.0, 0, 0
+        self.window_start = time.perf_counter()
+
+    def log_line(self, state: TrainState) -> str:
+        elapsed = time.perf_counter() - self.window_start
+        return (f"[rag_ray.train] step {state.step}/{state.cfg.optim.max_steps} "
+                f"loss {self.window_loss / self.window_steps:.4f} | {self.window_steps / elapsed:.2f} steps/s "
+                f"{self.window_samples / elapsed:.1f} samples/s | lr {state.scheduler.get_last_lr()[0]:.2e}")
+
+    def metrics(self, state: TrainState) -> dict:
+        wall = time.perf_counter() - self.run_start
+        return {"step": state.step, "loss": self.window_loss / max(1, self.window_steps), "samples": self.samples,
+                "steps_per_s": (state.step - state.first_step) / wall, "samples_per_s": self.samples / wall,
+                "wall_seconds": round(wall, 1), "first_batch_seconds": round(self.first_batch_s, 2),
+                "resumed_from_step": state.resumed_from, "world_size": self.world,
+                **{f"time_{k}_s": round(v, 2) for k, v in state.timings.items()}}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker. ``config``: {"cfg": TrainConfig, "retriever": Retriever | None,
+    "dev": dev rows (evaluated on rank 0), "metadata": what each saved model records}."""
+    import ray.train
+
+    cfg: TrainConfig = config["cfg"]
+    retriever, dev_rows, metadata = config["retriever"], config["dev"], config["metadata"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
-
-    # A restarted worker resumes from this run's latest checkpoint; a new run may start from
-    # another run's checkpoint (``resume_from``).
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.resume_from:
-        checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            model, optimizer, scheduler, step = load_checkpoint(ckpt_dir, cfg, device)
-        resumed_from = step
-    else:
-        model = build_model(cfg, device)
-        optimizer, scheduler = build_optimizer(model, cfg)
-        step, resumed_from = 0, None
-    model.train()
-    ddp = ray.train.torch.prepare_model(LossModule(model), parallel_strategy_kwargs={"find_unused_parameters": True})
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed + step + 1000 * rank,
-                            cfg.shuffle)
-    prefetch = Prefetcher(model, retriever if cfg.mode in ("sequence", "token") else None, cfg.n_docs, cfg.prefetch)
-    # reader mode: one gold passage per question, so p(z|x) = 1 whatever q·d is
-    zero_q = torch.zeros(cfg.batch_size, model.query_encoder.dim, device=device) if cfg.mode == "reader" else None
-
-    timings = {"retrieve": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    state = _setup_worker(cfg)
+    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size,
+                            cfg.seed + state.step + 1000 * rank, cfg.shuffle)
+    prefetch = Prefetcher(state.model, retriever if cfg.retrieves_in_training else None, cfg.model.n_docs,
+                          cfg.prefetch)
     retrieval_log: list[dict] = []
     data_start = time.perf_counter()
     batch = next(batches)  # starts Ray Data's streaming split: a fixed cost, reported on its own
-    first_batch_s = time.perf_counter() - data_start
-    run_start, samples = time.perf_counter(), 0
-    pending = prefetch.submit(list(batch["question"]))
-    while step < cfg.max_steps:
-        questions, answers = [str(q) for q in batch["question"]], [str(a) for a in batch["answer"]]
+    progress = Progress(world, first_batch_s=time.perf_counter() - data_start)
+    pending = prefetch.submit([str(q) for q in batch["question"]])
+    while state.step < cfg.optim.max_steps:
         t0 = time.perf_counter()
+        questions = [str(q) for q in batch["question"]]
         result = prefetch.get(pending, questions)
-        t1 = time.perf_counter()
         next_batch = next(batches)
         pending = prefetch.submit([str(q) for q in next_batch["question"]])
-        t1b = time.perf_counter()
+        state.timings["retrieve"] += time.perf_counter() - t0
         if cfg.log_retrievals and rank == 0 and result is not None and len(retrieval_log) < 5:
-            retrieval_log.append({"step": step, "questions": questions,
+            retrieval_log.append({"step": state.step, "questions": questions,
                                   "passage_ids": [[h.passage_id for h in hits] for hits in result.hits]})
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            if cfg.mode == "reader":  # one gold passage per question: p(z|x) = 1, the loss is the generator's
-                gold = [[Passage("", "", str(t), str(x))] for t, x in zip(batch["title"], batch["text"])]
-                loss, _ = ddp(questions, answers, gold, zero_q[: len(questions), None], zero_q[: len(questions)],
-                              n_docs=1)
-            else:
-                loss, _ = ddp(questions, answers, result.hits if result else None,
-                              result.vectors if result else None)
-        t2 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t3 = time.perf_counter()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        t4 = time.perf_counter()
-        timings["retrieve"] += (t1 - t0) + (t1b - t1)
-        timings["forward"] += t2 - t1b
-        timings["backward"] += t3 - t2
-        timings["optimizer"] += t4 - t3
-        step += 1
-        samples += len(questions) * world
-        window_loss += float(loss.detach())
-        window_steps += 1
+        progress.add(train_step(state, batch, result), len(questions))
         batch = next_batch
 
-        stop = _agree_to_stop(cfg, run_start, world, device)
-        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-            elapsed = time.perf_counter() - window_start
+        stop = _agree_to_stop(cfg, progress.run_start, world, state.device)
+        if rank == 0 and (state.step % cfg.log_every == 0 or state.step == 1):
             # print, not logging: Ray forwards worker stdout to the driver and `ray job logs`.
-            print(f"[rag_ray.train] step {step}/{cfg.max_steps} loss {window_loss / window_steps:.4f} | "
-                  f"{window_steps / elapsed:.2f} steps/s {window_steps * len(questions) * world / elapsed:.1f} samples/s"
-                  f" | lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
-        if step % cfg.checkpoint_every == 0 or step % cfg.eval_every == 0 or step >= cfg.max_steps or stop:
-            wall = time.perf_counter() - run_start
-            metrics = {"step": step, "loss": window_loss / max(1, window_steps), "samples": samples,
-                       "steps_per_s": (step - (resumed_from or 0)) / wall, "samples_per_s": samples / wall,
-                       "wall_seconds": round(wall, 1), "first_batch_seconds": round(first_batch_s, 2),
-                       "resumed_from_step": resumed_from, "world_size": world,
-                       **{f"time_{k}_s": round(v, 2) for k, v in timings.items()}}
-            final = step >= cfg.max_steps or stop
-            if rank == 0 and dev_rows and cfg.eval_questions and (step % cfg.eval_every == 0 or final):
-                metrics.update(evaluate_qa(model, retriever if cfg.mode != "closed_book" else None,
-                                           dev_rows[: cfg.eval_questions], mode=model_mode(cfg.mode), n_docs=cfg.n_docs,
-                                           decoding=cfg.eval_decoding, num_beams=cfg.eval_num_beams,
-                                           max_new_tokens=cfg.eval_max_new_tokens))
-                print(f"[rag_ray.train] eval at step {step}: "
+            print(progress.log_line(state), flush=True)
+        final = state.step >= cfg.optim.max_steps or stop
+        evaluate = final or state.step % cfg.eval.every == 0
+        if evaluate or state.step % cfg.checkpoint.every == 0:
+            metrics = progress.metrics(state)
+            if rank == 0 and dev_rows and evaluate:
+                metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
+                                           mode=cfg.model.mode, n_docs=cfg.model.n_docs, decoding=cfg.eval.decoding,
+                                           num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens))
+                print(f"[rag_ray.train] eval at step {state.step}: "
                       f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_')} }", flush=True)
             if retrieval_log:
                 metrics["retrieval_log"] = retrieval_log
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(tmp, model, optimizer, scheduler, step, metrics)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt)
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            _report(state, metrics, metadata, rank)
+            progress.new_window()
             if stop:
                 break
     prefetch.close()
 
 
+def _setup_worker(cfg: TrainConfig) -> TrainState:
+    """``setup`` on a Ray Train worker, the loss module under DDP. A restarted worker resumes
+    from this run's latest checkpoint; a new run may start from another run's (``resume_from``)."""
+    import ray.train
+    import ray.train.torch
+
+    def ddp(module: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.checkpoint.resume_from is not None:
+        checkpoint = ray.train.Checkpoint.from_directory(cfg.checkpoint.resume_from)
+    if checkpoint is None:
+        return setup(cfg, device, wrap=ddp)
+    with checkpoint.as_directory() as ckpt_dir:
+        return setup(cfg, device, ckpt_dir, wrap=ddp)
+
+
+def _report(state: TrainState, metrics: dict, metadata: dict, rank: int) -> None:
+    """``ray.train.report`` from every worker; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(tmp, state, metrics, metadata)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def _agree_to_stop(cfg: TrainConfig, run_start: float, world: int, device: torch.device) -> bool:
     """All workers stop at the same step when the time budget runs out (rank 0 decides)."""
-    if cfg.max_minutes is None:
+    if cfg.optim.max_minutes is None:
         return False
-    flag = torch.tensor([float(time.perf_counter() - run_start > 60 * cfg.max_minutes)], device=device)
+    flag = torch.tensor([float(time.perf_counter() - run_start > 60 * cfg.optim.max_minutes)], device=device)
     if world > 1:
         torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
@@ -341,15 +426,16 @@ def _agree_to_stop(cfg: TrainConfig, run_start: float, world: int, device: torch
 
 def check_index_compatibility(cfg: TrainConfig) -> None:
     """Fail on the driver, before any worker starts, if the query encoder cannot search the index."""
-    from rag_ray.manifest import EncoderInfo, IndexManifest
+    from rag_ray.manifest import EncoderInfo, IndexManifest, resolve_index
 
-    if cfg.mode == "closed_book" or not cfg.index:
+    if not cfg.model.mode.retrieves or cfg.index is None:
         return
-    manifest = IndexManifest.read(cfg.index)
-    path = str(Path(cfg.init_from) / "query_encoder") if cfg.init_from else cfg.query_encoder
+    manifest = IndexManifest.read(resolve_index(cfg.index))
+    m = cfg.model
+    path = str(Path(m.init_from) / "query_encoder") if m.init_from is not None else m.query_encoder
     manifest.check_query_encoder(EncoderInfo.from_checkpoint(path))
-    if manifest.passage_count < cfg.n_docs:
-        raise ValueError(f"n_docs={cfg.n_docs} but the index holds only {manifest.passage_count} passages")
+    if manifest.passage_count < m.n_docs:
+        raise RagRayError(f"model.n_docs={m.n_docs} but the index holds only {manifest.passage_count} passages")
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -359,34 +445,40 @@ def run_training(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rag_ray.manifest import index_identity
     from rag_ray.retriever import Retriever
 
     check_index_compatibility(cfg)
-    train = qa_rows(read_questions(cfg.train))
-    if cfg.mode == "reader":
-        train, dropped = with_gold_passages(train, cfg.corpus)
+    train = qa_rows(read_questions(cfg.data.train))
+    if cfg.objective is Objective.READER:
+        train, dropped = with_gold_passages(train, cfg.data.corpus)
         print(f"[rag_ray.train] reader: {len(train)} questions with a gold passage, {dropped} without", flush=True)
     # a reader is evaluated over retrieved passages, so only when an index is given
-    evaluate = cfg.dev and cfg.eval_questions and (cfg.mode != "reader" or cfg.index)
-    dev = read_questions(cfg.dev, limit=cfg.eval_questions or None) if evaluate else []
-    needs_index = cfg.mode in ("sequence", "token") or (cfg.mode == "reader" and bool(dev))
+    evaluate = (cfg.data.dev is not None and cfg.eval.questions > 0
+                and (cfg.index is not None or not cfg.model.mode.retrieves))
+    dev = read_questions(cfg.data.dev, limit=cfg.eval.questions) if evaluate else []
+    needs_index = cfg.retrieves_in_training or (cfg.model.mode.retrieves and bool(dev))
     retriever = Retriever.load(cfg.index) if needs_index else None
-    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    # what every saved model records: how it was trained, and against which index version
+    metadata = {"train_config": to_dict(cfg), "index": index_identity(cfg.index) if needs_index else None}
+    ckpt = cfg.checkpoint
+    storage = ckpt.storage_path if "://" in ckpt.storage_path else str(Path(ckpt.storage_path).resolve())
     if not cfg.shuffle:  # file order end to end: Ray Data may otherwise interleave blocks
         ray.data.DataContext.get_current().execution_options.preserve_order = True
+    scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "retriever": retriever,
+        train_loop_config={"cfg": cfg, "retriever": retriever, "metadata": metadata,
                            "dev": [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""}
                                    for e in dev]},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=RunConfig(name=ckpt.name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=ckpt.num_to_keep),
+                             failure_config=FailureConfig(max_failures=ckpt.max_failures)),
         # A few blocks, not Ray Data's default hundreds: the rows are small and already in memory,
         # and on a small machine per-block tasks compete with training for the same cores.
-        datasets={"train": ray.data.from_items(train, override_num_blocks=max(4, 2 * cfg.num_workers))},
+        datasets={"train": ray.data.from_items(train, override_num_blocks=max(4, 2 * scaling.num_workers))},
     )
     start = time.perf_counter()
     try:
@@ -399,7 +491,7 @@ def run_training(cfg: TrainConfig) -> dict:
               "checkpoint": result.checkpoint.path if result.checkpoint else None,
               "model": str(Path(result.checkpoint.path) / MODEL_DIR) if result.checkpoint else None,
               "train_questions": len(train), "dev_questions": len(dev)}
-    if cfg.report:
+    if cfg.report is not None:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(cfg.report).with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=2))

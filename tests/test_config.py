@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rag_ray.config import ConfigError, IndexConfig, load_config
+from rag_ray.errors import RagRayError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
@@ -49,3 +50,75 @@ def test_overrides_and_validation():
         load_config(IndexConfig, overrides={"corpus": ["a"], "shards": 0})
     with pytest.raises(ConfigError, match="corpus: give at least one"):
         load_config(IndexConfig)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_open_with_their_launch_command(path):
+    first = path.read_text().splitlines()[:6]
+    assert first[0].startswith("#") and any("rag-ray " in line or "ray job submit" in line for line in first)
+
+
+def test_train_config_reports_every_bad_field_with_its_section():
+    from rag_ray.config import TrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, overrides={"optim.lr": 0, "model.n_docs": 0, "eval.every": 0, "log_every": 0,
+                                            "scaling.cpus_per_worker": -1, "checkpoint.num_to_keep": 0,
+                                            "optim.copy_head_lr": -1e-3, "eval.decoding": "beam",
+                                            "objective": "reader", "index": None})
+    problems = info.value.problems
+    assert set(problems) == {
+        "optim.lr: must be > 0, got 0.0",
+        "optim.copy_head_lr: must be > 0, got -0.001",
+        "model.n_docs: must be >= 1, got 0",
+        "eval.every: must be >= 1, got 0",
+        "log_every: must be >= 1, got 0",
+        "scaling.cpus_per_worker: must be > 0, got -1.0",
+        "checkpoint.num_to_keep: must be >= 1, got 0",
+        "data.corpus: objective 'reader' reads each question's gold passage from a corpus (a corpus file or "
+        "'squad-open')",
+        "eval.decoding: 'beam' does not apply to model.mode 'sequence' (use one of ['thorough', 'fast'])",
+    }, problems
+    assert isinstance(info.value, RagRayError) and isinstance(info.value, ValueError)
+
+
+def test_train_config_type_errors_name_the_section_and_moved_fields():
+    from rag_ray.config import TrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, overrides=["model.mode=reader", "optim.batch_size=eight", "lr=1e-4",
+                                            "objective=warmup"])
+    problems = "\n".join(info.value.problems)
+    assert "model.mode: 'reader' is not one of ['sequence', 'token', 'closed_book']" in problems
+    assert "optim.batch_size: expected an integer, got 'eight'" in problems
+    assert "lr: unknown field" in problems and "did you mean optim.lr?" in problems
+    assert "objective: 'warmup' is not one of ['rag', 'reader']" in problems
+    assert len(info.value.problems) == 4
+    with pytest.raises(ConfigError, match="index: model.mode 'token' retrieves passages"):
+        load_config(TrainConfig, overrides={"index": None, "model.mode": "token"})
+    with pytest.raises(ConfigError, match="model.mode: objective 'reader' trains a RAG-Sequence model"):
+        load_config(TrainConfig, overrides={"objective": "reader", "data.corpus": "c", "model.mode": "token"})
+
+
+def test_train_config_sections_enums_and_plain_round_trip():
+    import json
+
+    import yaml
+
+    from rag_ray.config import Objective, TrainConfig, to_dict
+    from rag_ray.types import Mode
+
+    cfg = load_config(TrainConfig, CONFIGS / "train_reader_squad_open_cpu.yaml",
+                      overrides=["model.mode=sequence", "optim.max_steps=5"])
+    assert cfg.objective is Objective.READER and cfg.model.mode is Mode.SEQUENCE and cfg.optim.max_steps == 5
+    assert not cfg.retrieves_in_training and not cfg.trains_query_encoder
+    plain = to_dict(cfg)
+    assert plain["objective"] == "reader" and type(plain["model"]["mode"]) is str
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain and json.loads(json.dumps(plain)) == plain
+    assert load_config(TrainConfig, overrides=plain) == cfg
+    # defaults that used to hide behind `x or lr`: stated, and None means "same as optim.lr"
+    default = TrainConfig()
+    assert default.optim.query_encoder_lr == 1e-5 and default.optim.copy_head_lr is None
+    assert default.retrieves_in_training and default.trains_query_encoder
+    closed = load_config(TrainConfig, overrides={"model.mode": "closed_book", "index": None})
+    assert not closed.retrieves_in_training and not closed.trains_query_encoder

@@ -14,6 +14,7 @@ from conftest import TOY_QUESTIONS, write_jsonl
 from rag_ray.config import IndexConfig, TrainConfig, load_config
 from rag_ray.corpus import read_passages
 from rag_ray.encoders import DEFAULT_ENCODER, Encoder, resolve_model_path
+from rag_ray.errors import RagRayError
 from rag_ray.generator import Generator, PointerGenerator, _set_special_tokens
 from rag_ray.indexing import build_index
 from rag_ray.model import RagConfig, RagModel
@@ -45,12 +46,15 @@ def setup(ray_local, toy_corpus, tmp_path_factory):
     return root, questions
 
 
-def _cfg(root: Path, questions: str, name: str, **kw) -> TrainConfig:
-    base = {"index": str(root / "index"), "train": questions, "dev": questions, "init_from": str(root / "init_model"),
-            "mode": "sequence", "n_docs": 2, "batch_size": 2, "lr": 3e-3, "query_encoder_lr": 3e-3, "warmup_steps": 0,
-            "max_steps": 24, "eval_every": 12, "checkpoint_every": 12, "eval_questions": 5, "num_workers": 2,
-            "storage_path": str(root / "runs"), "name": name, "max_failures": 0, "torch_threads": 1}
-    return load_config(TrainConfig, overrides={**base, **kw})
+def _cfg(root: Path, questions: str, name: str, overrides: dict | None = None) -> TrainConfig:
+    """The tests' run: 2 workers x 24 steps of batch 2; ``overrides`` use dotted keys (``optim.lr``)."""
+    base = {"index": str(root / "index"), "data.train": questions, "data.dev": questions,
+            "model.init_from": str(root / "init_model"), "model.mode": "sequence", "model.n_docs": 2,
+            "optim.batch_size": 2, "optim.lr": 3e-3, "optim.query_encoder_lr": 3e-3, "optim.warmup_steps": 0,
+            "optim.max_steps": 24, "eval.every": 12, "checkpoint.every": 12, "eval.questions": 5,
+            "scaling.num_workers": 2, "checkpoint.storage_path": str(root / "runs"), "checkpoint.name": name,
+            "checkpoint.max_failures": 0, "scaling.torch_threads": 1}
+    return load_config(TrainConfig, overrides={**base, **(overrides or {})})
 
 
 def _mean_loss(model_dir, root, questions) -> float:
@@ -64,9 +68,17 @@ def _mean_loss(model_dir, root, questions) -> float:
     return float(out.loss)
 
 
-def test_two_workers_lower_the_loss_write_a_checkpoint_and_resume(setup):
+@pytest.fixture(scope="module")
+def trained(setup):
+    """One 2-worker run, shared by the tests that inspect its report and checkpoint."""
     root, questions = setup
-    report = run_training(_cfg(root, questions, "lower", log_retrievals=True))
+    cfg = _cfg(root, questions, "lower", {"log_retrievals": True})
+    return cfg, run_training(cfg)
+
+
+def test_two_workers_lower_the_loss_write_a_checkpoint_and_resume(setup, trained):
+    root, questions = setup
+    _, report = trained
     m = report["metrics"]
     assert m["step"] == 24 and m["world_size"] == 2 and m["samples"] == 24 * 2 * 2
     assert {"dev_em", "dev_f1", "dev_recall@2", "time_retrieve_s", "time_backward_s"} <= set(m)
@@ -82,8 +94,38 @@ def test_two_workers_lower_the_loss_write_a_checkpoint_and_resume(setup):
     assert logged["passage_ids"] == [[h.passage_id for h in hits] for hits in res.hits]
     retriever.shutdown()
 
-    resumed = run_training(_cfg(root, questions, "resumed", resume_from=report["checkpoint"], max_steps=30))
+    resumed = run_training(_cfg(root, questions, "resumed", {"checkpoint.resume_from": report["checkpoint"],
+                                                            "optim.max_steps": 30}))
     assert resumed["metrics"]["resumed_from_step"] == 24 and resumed["metrics"]["step"] == 30
+
+
+def test_a_checkpoint_records_its_train_config_and_index(setup, trained):
+    from rag_ray.config import to_dict
+    from rag_ray.manifest import index_identity
+
+    root, _ = setup
+    cfg, report = trained
+    metadata = RagModel.from_pretrained(report["model"], device="cpu").metadata
+    assert metadata["train_config"] == to_dict(cfg) == report["config"]
+    assert load_config(TrainConfig, overrides=metadata["train_config"]) == cfg  # the run, rebuilt from the model
+    assert metadata["index"] == index_identity(root / "index")
+    assert metadata["index"]["manifest_sha256"] and metadata["index"]["version"]
+
+
+def test_optimizer_groups_state_their_learning_rates(setup):
+    from rag_ray.training import build_model, build_optimizer
+
+    root, questions = setup
+    cfg = _cfg(root, questions, "groups", {"optim.lr": 2e-4, "optim.query_encoder_lr": 1e-5})
+    model = build_model(cfg, torch.device("cpu"))
+    optimizer, _ = build_optimizer(model, cfg)
+    # generator, copy head (copy_head_lr None: optim.lr), query encoder
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [2e-4, 2e-4, 1e-5]
+    head = {id(p) for p in model.generator.model.head_parameters()}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == head
+    cfg = _cfg(root, questions, "groups", {"optim.copy_head_lr": 3e-3, "model.freeze_query_encoder": True})
+    optimizer, _ = build_optimizer(build_model(cfg, torch.device("cpu")), cfg)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [3e-3, 3e-3]  # no query-encoder group
 
 
 def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
@@ -119,8 +161,8 @@ def test_killed_worker_recovers_from_the_last_checkpoint(setup):
     import psutil
 
     root, questions = setup
-    cfg = _cfg(root, questions, "chaos", max_steps=48, checkpoint_every=8, eval_every=1000, max_failures=2,
-               eval_questions=0)
+    cfg = _cfg(root, questions, "chaos", {"optim.max_steps": 48, "checkpoint.every": 8, "eval.every": 1000,
+                                          "checkpoint.max_failures": 2, "eval.questions": 0})
     killed: list[int] = []
     errors: list[BaseException] = []
 
@@ -158,14 +200,17 @@ def test_killed_worker_recovers_from_the_last_checkpoint(setup):
 
 def test_closed_book_needs_no_index_and_bad_configs_fail_early(setup, tmp_path):
     root, questions = setup
-    with pytest.raises(ValueError, match="index: mode 'sequence' retrieves passages"):
+    with pytest.raises(RagRayError, match="index: model.mode 'sequence' retrieves passages"):
         load_config(TrainConfig, overrides={"index": None})
-    minilm_cfg = _cfg(root, questions, "mismatch", init_from=None, query_encoder=DEFAULT_ENCODER)
-    with pytest.raises(ValueError, match="dimension 384 != index's 32"):
+    minilm_cfg = _cfg(root, questions, "mismatch", {"model.init_from": None, "model.query_encoder": DEFAULT_ENCODER})
+    with pytest.raises(RagRayError, match="dimension 384 != index's 32"):
         run_training(minilm_cfg)
-    report = run_training(_cfg(root, questions, "closed", mode="closed_book", index=None, max_steps=4,
-                               num_workers=1, eval_every=4, checkpoint_every=4))
+    report = run_training(_cfg(root, questions, "closed", {"model.mode": "closed_book", "index": None,
+                                                           "optim.max_steps": 4, "scaling.num_workers": 1,
+                                                           "eval.every": 4, "checkpoint.every": 4}))
     assert report["metrics"]["step"] == 4 and "dev_recall@2" not in report["metrics"]
+    # trained against no index: its model says so
+    assert RagModel.from_pretrained(report["model"], device="cpu").metadata["index"] is None
 
 
 def test_gold_passages_are_the_cut_that_holds_the_answer(toy_corpus):
@@ -180,16 +225,18 @@ def test_gold_passages_are_the_cut_that_holds_the_answer(toy_corpus):
     long_row = rows[-1]
     assert "word180" in long_row["text"].split() and "word0" not in long_row["text"].split()
     assert rows[0]["title"] == "Paris" and "1889" in rows[0]["text"]
-    with pytest.raises(ValueError, match="no training question has a gold passage"):
+    with pytest.raises(RagRayError, match="no training question has a gold passage"):
         with_gold_passages(qa_rows(examples[-1:]), toy_corpus)
 
 
 def test_reader_warm_up_learns_to_read_gold_passages(setup, toy_corpus):
     root, questions = setup
-    report = run_training(_cfg(root, questions, "reader", mode="reader", corpus=toy_corpus, num_workers=1,
-                               max_steps=16, eval_every=16, checkpoint_every=16))
+    report = run_training(_cfg(root, questions, "reader", {"objective": "reader", "data.corpus": toy_corpus,
+                                                           "scaling.num_workers": 1, "optim.max_steps": 16,
+                                                           "eval.every": 16, "checkpoint.every": 16}))
     m = report["metrics"]
     assert m["step"] == 16 and "dev_recall@2" in m  # evaluated as RAG-Sequence over the index
+    assert RagModel.from_pretrained(report["model"], device="cpu").config.mode == "sequence"
 
     passages = read_passages(toy_corpus)
 
