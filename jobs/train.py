@@ -1,6 +1,6 @@
 """Entry point for `ray job submit`: joint RAG fine-tuning from a YAML TrainConfig.
 
-    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/train_squad_open_cpu.yaml --set num_workers=4
+    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/train_squad_open_cpu.yaml --set scaling.num_workers=4
 """
 
 import argparse

@@ -117,6 +117,7 @@ def cmd_search(args) -> int:
     _ray(args)
     retriever = Retriever.load(args.index, query_encoder=encoder)
     result = retriever.search(encoder.encode(questions), k=args.k)
+    retriever.shutdown()
     if args.json:
         print(json.dumps([{"question": q, "hits": [h.__dict__ for h in hits]}
                           for q, hits in zip(questions, result.hits)]))
@@ -139,6 +140,7 @@ def cmd_eval_retrieval(args) -> int:
     retriever = Retriever.load(args.index, query_encoder=encoder)
     ks = tuple(k for k in KS if k <= args.max_k)
     report = evaluate_retrieval(retriever, encoder, examples, args.index, ks=ks, bm25=not args.no_bm25)
+    retriever.shutdown()
     print(json.dumps(report) if args.json else format_table(report))
     return 0
 
@@ -172,6 +174,7 @@ def cmd_eval_qa(args) -> int:
     rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
     report = evaluate_qa(pipeline.model, pipeline.retriever, rows, mode=mode, n_docs=n_docs, decoding=args.decoding,
                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    pipeline.close()
     report.update({"model": args.model, "mode": mode.value, "n_docs": n_docs})
     if args.json:
         print(json.dumps(report))
@@ -185,6 +188,7 @@ def cmd_ask(args) -> int:
     pipeline, mode = _pipeline(args, args.mode)
     answers = pipeline.answer(questions, mode=mode, n_docs=args.n_docs, decoding=args.decoding,
                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    pipeline.close()
     for a in answers:
         if args.json:
             print(json.dumps(a.to_dict()))

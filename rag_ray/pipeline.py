@@ -95,6 +95,11 @@ class RagPipeline:
                 for h, prior, post in zip(hits, a.doc_prior, a.doc_posterior)]))
         return out
 
+    def close(self) -> None:
+        """Retire the shard actors if this pipeline's retriever started them."""
+        if self.retriever is not None:
+            self.retriever.shutdown()
+
     def _retriever(self):
         if self.retriever is None:
             raise RagRayError("this pipeline has no index: give one (--index) or use mode closed_book")

@@ -121,7 +121,11 @@ class ShardSet:
         name, version = index_name_and_version(directory)
         if running_shards(name, version):
             return cls.attach(directory, timeout_s=timeout_s)
-        group, placement = spread_placement(manifest.shard_count, num_cpus, f"{name}/{version}/shards", detached)
+        group_name = f"{name}/{version}/shards"
+        stale = _find_group(group_name)  # left by a set whose actors were dropped without retire()
+        if stale is not None:
+            ray.util.remove_placement_group(stale)
+        group, placement = spread_placement(manifest.shard_count, num_cpus, group_name, detached)
         actor = shard_actor_class(ServedShard)
         actors = [
             actor.options(name=actor_name(name, version, i), namespace=NAMESPACE, get_if_exists=True,
