@@ -297,6 +297,80 @@ class TrainConfig:
         return problems
 
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """Bounds on every request field; a request beyond one gets a 4xx naming the field."""
+
+    max_question_chars: int = 2000
+    max_questions: int = 16
+    max_n_docs: int = 20
+    max_k: int = 100
+    max_num_beams: int = 8
+    max_new_tokens: int = 64
+    max_body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ServeAutoscaling:
+    """The model deployment's replicas: Serve adds one when the ongoing requests per replica stay
+    above ``target_ongoing_requests`` for ``upscale_delay_s``, and removes one after
+    ``downscale_delay_s`` below it."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    replica_cpus: float = 0.5
+    #: torch threads per model replica; None: max(1, round(replica_cpus))
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``rag-ray serve``: a trained RagModel over a running index, behind Ray Serve's HTTP proxy.
+
+    ``index`` is the index served at start (a root: its current version; or a version directory);
+    ``POST /v1/admin/index`` swaps it at run time, to directories under ``index_roots`` only
+    (default: the directory that holds ``index``). HTTP binds ``host`` (loopback by default);
+    another host needs an API key (``$RAG_RAY_API_KEY`` or ``api_key_file``) unless
+    ``allow_no_api_key`` says otherwise.
+    """
+
+    model: str = ""
+    index: str | None = None
+    index_roots: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_file: str | None = None
+    allow_no_api_key: bool = False
+    n_docs: int | None = None
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 64
+    request_timeout_s: float = 120.0
+    swap_grace_s: float = 10.0
+    autoscaling: ServeAutoscaling = field(default_factory=ServeAutoscaling)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> list[str]:
+        problems = [] if self.model else ["model: give a saved RagModel directory (a checkpoint's model/)"]
+        problems += _at_least(1, self, "port", "max_batch_size", "max_ongoing_requests", "max_queued_requests")
+        problems += _positive(self, "request_timeout_s", "batch_wait_timeout_s")
+        a = self.autoscaling
+        problems += [f"autoscaling.{p}" for p in _at_least(1, a, "min_replicas", "max_replicas", "torch_threads")]
+        problems += [f"autoscaling.{p}" for p in _positive(a, "replica_cpus", "target_ongoing_requests")]
+        if a.max_replicas < a.min_replicas:
+            problems.append(f"autoscaling.max_replicas: {a.max_replicas} is below min_replicas {a.min_replicas}")
+        problems += [f"limits.{p}" for p in _at_least(1, self.limits, *(f.name for f in dataclasses.fields(ServeLimits)))]
+        if self.max_ongoing_requests < self.max_batch_size:
+            problems.append(f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size "
+                            f"{self.max_batch_size}, so batches could never fill")
+        return problems
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
