@@ -218,6 +218,64 @@ def cmd_train(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- serving
+
+def cmd_serve(args) -> int:
+    from rag_ray.config import ServeConfig
+    from rag_ray.serving.app import run_serve
+
+    overrides = {k: v for k, v in {
+        "model": args.model, "index": args.index, "host": args.host, "port": args.port,
+        "autoscaling.min_replicas": args.min_replicas, "autoscaling.max_replicas": args.max_replicas,
+        "api_key_file": args.api_key_file, "allow_no_api_key": args.allow_no_api_key or None,
+    }.items() if v is not None}
+    overrides.update(_ray_overrides(args))
+    overrides.update(_set_overrides(args.set))
+    cfg = load_config(ServeConfig, args.config, overrides)
+    url = run_serve(cfg)
+    print(f"serving {cfg.model} over {cfg.index} at {url}/ (API: {url}/docs); Ctrl-C stops", flush=True)
+    if args.no_keep:
+        return 0
+    import time
+
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping...", flush=True)
+        serve.shutdown()
+    return 0
+
+
+def cmd_swap_index(args) -> int:
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = args.api_key or os.environ.get("RAG_RAY_API_KEY")
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/v1/admin/index", data=json.dumps({"index_dir": args.index}).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        raise RagRayError(f"{args.url} refused the swap (HTTP {exc.code}): {detail}; the old index keeps serving") \
+            from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise RagRayError(f"cannot reach {args.url}: {getattr(exc, 'reason', exc)}") from None
+    print(json.dumps(body) if args.json else f"now serving {body['index_version']}"
+          + ("" if body.get("changed") else " (it already was)") + f" ({body.get('seconds', 0)} s)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +337,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=16)
         _add_common(p)
         p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)
+
+    p = sub.add_parser("serve", help="serve a trained model over an index with Ray Serve (HTTP API + web page)")
+    p.add_argument("--config", help="YAML ServeConfig (flags override it)")
+    p.add_argument("--model", help="a saved RagModel directory")
+    p.add_argument("--index", help="index root (its current version) or a version directory")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1; another needs an API key)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--min-replicas", type=int)
+    p.add_argument("--max-replicas", type=int)
+    p.add_argument("--api-key-file", help="file holding the API key (or set $RAG_RAY_API_KEY)")
+    p.add_argument("--allow-no-api-key", action="store_true", help="serve beyond loopback without an API key")
+    p.add_argument("--no-keep", action="store_true", help="return once the service is up (it runs on in Ray)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ServeConfig field, e.g. max_batch_size=4")
+    _add_common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("swap-index", help="make a running service serve another index; returns once it answers")
+    p.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+    p.add_argument("--index", required=True, help="index root or version directory, as the service sees it")
+    p.add_argument("--api-key", help="default: $RAG_RAY_API_KEY")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_swap_index)
 
     p = sub.add_parser("train", help="joint RAG fine-tuning with Ray Train against a frozen index")
     p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. jobs/configs/train_squad_open_cpu.yaml")

@@ -143,3 +143,50 @@ def build_tiny_rag(root, corpus: str, n_docs: int = 2):
     query_encoder = Encoder.from_pretrained(str(root / "passage_encoder"))
     RagModel(query_encoder, generator, RagConfig(n_docs=n_docs)).save_pretrained(root / "init_model")
     return root / "index", root / "init_model"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body=None, key: str | None = "test-key-0123456789", timeout: float = 60.0):
+    """(status, JSON or text reply, headers) of a GET (no body) or a JSON POST; never raises on 4xx/5xx."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            raw, status, h = r.read(), r.status, dict(r.headers)
+    except urllib.error.HTTPError as exc:
+        raw, status, h = exc.read(), exc.code, dict(exc.headers)
+    try:
+        return status, json.loads(raw), h
+    except json.JSONDecodeError:
+        return status, raw.decode("utf-8", "replace"), h
+
+
+def start_tiny_service(root, corpus: str, overrides: dict | None = None) -> dict:
+    """The Serve application over a tiny RAG model and the corpus's index, on a free loopback port;
+    returns once /healthz answers 200. Needs a running Ray; stop it with ``serve.shutdown()``."""
+    import time
+
+    from rag_ray.config import ServeConfig, load_config
+    from rag_ray.serving.app import run_serve
+
+    index, model = build_tiny_rag(root, corpus, n_docs=2)
+    cfg = load_config(ServeConfig, overrides={"model": str(model), "index": str(index), "port": free_port(),
+                                              **(overrides or {})})
+    url = run_serve(cfg)
+    deadline = time.monotonic() + 120
+    while http(url + "/healthz")[0] != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the service never became healthy")
+        time.sleep(0.5)
+    return {"url": url, "root": root, "index": index, "model": model}
