@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from rag_ray.errors import RagRayError
+from rag_ray.io import atomic_write_text
 
 #: Request-size style limits on question files, so a broken file fails fast and clearly.
 MAX_QUESTION_CHARS = 2000
@@ -119,7 +120,5 @@ def build_squad_open(out: Path, url: str = SQUAD_DEV_URL) -> Path:
                 bucket = int(hashlib.sha1(qa["id"].encode()).hexdigest(), 16) % 10
                 (train if bucket < 7 else dev if bucket == 7 else []).append(row)
     for name, rows in (("corpus", corpus), ("train", train), ("dev", dev)):
-        tmp = out / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out / f"{name}.jsonl")
+        atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return out

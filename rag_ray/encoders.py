@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
+
 from rag_ray.errors import RagRayError
 
 Pooling = Literal["cls", "mean"]
@@ -196,7 +197,8 @@ class Encoder(torch.nn.Module):
         return out
 
     @property
-    def info(self) -> "EncoderInfo":
+    def info(self):
+        """This encoder's identity (an EncoderInfo), what an index manifest checks it against."""
         from rag_ray.manifest import EncoderInfo
 
         return EncoderInfo(self.name, self.dim, self.pooling, self.normalize, self.max_length)

@@ -15,7 +15,6 @@ from rag_ray.datasets import QAExample
 from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
 from rag_ray.types import Mode, SearchResult
-from rag_ray.errors import RagRayError
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 20, 100)

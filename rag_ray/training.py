@@ -15,7 +15,6 @@ metrics, a dev evaluation and a checkpoint. bench/bench_train.py times the same 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +27,7 @@ import torch
 from rag_ray.config import Objective, TrainConfig, to_dict
 from rag_ray.datasets import QAExample, read_questions
 from rag_ray.errors import RagRayError
+from rag_ray.io import atomic_write_text
 from rag_ray.evaluation import evaluate_qa, retrieve
 from rag_ray.types import Passage, SearchResult
 
@@ -492,8 +492,5 @@ def run_training(cfg: TrainConfig) -> dict:
               "model": str(Path(result.checkpoint.path) / MODEL_DIR) if result.checkpoint else None,
               "train_questions": len(train), "dev_questions": len(dev)}
     if cfg.report is not None:
-        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(cfg.report).with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, cfg.report)
+        atomic_write_text(cfg.report, json.dumps(report, indent=2))
     return report

@@ -6,7 +6,6 @@ index swap under load, a corrupt index refused, a killed model replica replaced,
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -242,3 +241,24 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(service):
     finally:
         stop.set()
         watcher.join()
+
+
+def test_the_serve_config_file_describes_this_application(tmp_path):
+    """cluster/serve.yaml: loopback HTTP, an import path that is the builder, args that are a valid
+    ServeConfig, and deployment names the builder really creates."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from rag_ray.serving.app import is_loopback
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "serve.yaml").read_text())
+    assert is_loopback(config["http_options"]["host"])
+    (app,) = config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    assert getattr(importlib.import_module(module), name).__name__ == "build_app"
+    cfg = load_config(ServeConfig, overrides=app["args"])
+    assert is_loopback(cfg.host) and cfg.autoscaling.max_replicas >= cfg.autoscaling.min_replicas
+    assert {d["name"] for d in app["deployments"]} <= {"IndexHost", "RagModelServer", "RagIngress"}
+    assert app["deployments"][0]["user_config"]["index"] == cfg.index

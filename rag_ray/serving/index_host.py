@@ -59,8 +59,9 @@ class IndexHost:
             log.error("index load failed, still serving %s: %s", self.version, exc)
 
     def __del__(self) -> None:  # Serve calls it when the replica shuts down
+        """Retire the shard sets this host started; ones it attached to belong to someone else."""
         for shard_set in [self.shards, *self._retiring]:
-            if shard_set is not None:
+            if shard_set is not None and shard_set.owned:
                 try:
                     shard_set.retire()
                 except Exception:  # noqa: BLE001 - best effort at shutdown
