@@ -1,5 +1,5 @@
 # rag_ray: two commands on a fresh machine (see README.md)
-#   make quickstart   set up .venv, index squad-open with Ray Data, answer questions with passages
+#   make quickstart   set up .venv, then index, train, evaluate and serve RAG on squad-open (rag-ray quickstart)
 #   make test         set up .venv, run the test suite (what CI runs)
 PY      ?= python3
 VENV    ?= .venv
@@ -21,11 +21,10 @@ venv: $(BIN)/rag-ray
 index: venv
 	$(BIN)/rag-ray index --corpus squad-open --out $(INDEX) --shards 2 --overwrite
 
-quickstart: index
-	$(BIN)/rag-ray search --index $(INDEX) -k 3 \
-	  "What was the price of oil in March 1974?" \
-	  "Which team won Super Bowl 50?" \
-	  "In what country is Normandy located?"
+# BUDGET (training minutes) and ARGS (e.g. ARGS=--no-keep) pass through to rag-ray quickstart
+BUDGET  ?= 8
+quickstart: venv
+	$(BIN)/rag-ray quickstart --budget-minutes $(BUDGET) $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

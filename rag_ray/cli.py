@@ -276,6 +276,17 @@ def cmd_swap_index(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- quickstart
+
+def cmd_quickstart(args) -> int:
+    from rag_ray.quickstart import QuickstartConfig, run_quickstart
+
+    fields = {"data": args.data, "budget_minutes": args.budget_minutes, "eval_questions": args.eval_questions,
+              "port": args.port, "workdir": args.workdir, "keep": not args.no_keep}
+    run_quickstart(QuickstartConfig(**{k: v for k, v in fields.items() if v is not None}))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_swap_index)
+
+    p = sub.add_parser("quickstart", help="the whole system on squad-open: index, train, evaluate, serve, ask")
+    p.add_argument("--data", help="squad-open directory (default: $RAG_RAY_DATA, ../shared/data/squad-open, "
+                                  "or SQuAD v1.1's dev file downloaded once)")
+    p.add_argument("--budget-minutes", type=float, help="training time (default 8): reader warm-up, then RAG")
+    p.add_argument("--eval-questions", type=int, help="dev questions for EM/F1 (default 200)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000, or a free one)")
+    p.add_argument("--workdir", help="where runs and the final model go (default runs/quickstart)")
+    p.add_argument("--no-keep", action="store_true", help="stop the service at the end instead of serving until Ctrl-C")
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("train", help="joint RAG fine-tuning with Ray Train against a frozen index")
     p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. jobs/configs/train_squad_open_cpu.yaml")

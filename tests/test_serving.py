@@ -136,6 +136,21 @@ def test_concurrent_requests_are_batched(service):
     assert max(reply["timings_ms"]["batch"] for _, reply, _ in replies) > 1
 
 
+def test_overload_gets_503_with_retry_after_and_the_service_recovers(service):
+    """More concurrent requests than max_ongoing_requests + max_queued_requests (16 + 64): the
+    excess is refused at once with 503 and Retry-After, never left hanging."""
+    url = service["url"] + "/v1/answer"
+    body = {"question": "Into which sea does the Nile flow?", "decoding": "sequence-thorough", "num_beams": 8,
+            "max_new_tokens": 64}
+    with ThreadPoolExecutor(120) as pool:
+        replies = list(pool.map(lambda _: http(url, body, timeout=300), range(120)))
+    refused = [(reply, headers) for status, reply, headers in replies if status == 503]
+    assert refused, sorted({status for status, _, _ in replies})
+    assert all(headers.get("Retry-After") == "1" and "overloaded" in reply["error"] for reply, headers in refused)
+    assert {status for status, _, _ in replies} <= {200, 503}
+    assert http(url, {"question": "Who created Python?", "max_new_tokens": 2})[0] == 200
+
+
 def test_index_swap_under_load_has_no_failed_request_and_moves_forward(service, tmp_path):
     from rag_ray.indexing import build_index
 
