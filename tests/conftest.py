@@ -190,3 +190,14 @@ def start_tiny_service(root, corpus: str, overrides: dict | None = None) -> dict
             raise TimeoutError("the service never became healthy")
         time.sleep(0.5)
     return {"url": url, "root": root, "index": index, "model": model}
+
+
+def registered_checkpoints(run_dir) -> list:
+    """Checkpoints Ray Train has registered for a run (its snapshot lists them), not merely written."""
+    import json
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []

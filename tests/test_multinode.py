@@ -97,3 +97,69 @@ def test_a_shard_whose_node_dies_comes_back_on_a_live_node(three_node_cluster, t
     alive = {nd["NodeID"] for nd in ray.nodes() if nd["Alive"]}
     assert moved["node_id"] != placed[victim_shard] and moved["node_id"] in alive and moved["passages"] == 30
     shards.retire()
+
+
+def _node_of_pid(cluster, pid: int):
+    """The cluster node whose raylet is an ancestor of process ``pid`` (worker processes are
+    children of their node's raylet)."""
+    import psutil
+
+    raylets = {n.all_processes["raylet"][0].process.pid: n for n in cluster.list_all_nodes()}
+    process = psutil.Process(pid)
+    while process is not None:
+        if process.pid in raylets:
+            return raylets[process.pid]
+        process = process.parent()
+    return None
+
+
+def test_training_survives_losing_a_worker_node(three_node_cluster, toy_corpus, tmp_path):
+    """Two Ray Train workers on a 3-node cluster; once a checkpoint is registered, the node of a
+    worker that is not the head is removed. The run restores from the checkpoint on the nodes that
+    are left (and its shard, if it was there, moves too) and finishes at the configured step."""
+    import threading
+
+    import psutil
+
+    from conftest import TOY_QUESTIONS, build_tiny_rag, registered_checkpoints, write_jsonl
+    from rag_ray.config import TrainConfig, load_config
+    from rag_ray.training import run_training
+
+    build_tiny_rag(tmp_path, toy_corpus, n_docs=2)
+    questions = write_jsonl(tmp_path / "q.jsonl", TOY_QUESTIONS * 4)
+    cfg = load_config(TrainConfig, overrides={
+        "index": str(tmp_path / "index"), "data.train": questions, "data.dev": None,
+        "model.init_from": str(tmp_path / "init_model"), "model.n_docs": 2, "optim.batch_size": 2,
+        "optim.warmup_steps": 0, "optim.max_steps": 40, "checkpoint.every": 8, "eval.questions": 0,
+        "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.4, "scaling.torch_threads": 1,
+        "checkpoint.storage_path": str(tmp_path / "runs"), "checkpoint.name": "node-loss",
+        "checkpoint.max_failures": 3})
+    head = ray.get_runtime_context().get_node_id()
+    removed: list = []
+    errors: list = []
+
+    def remove_a_worker_node() -> None:
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and not removed:
+                if registered_checkpoints(tmp_path / "runs" / "node-loss"):
+                    for p in psutil.process_iter(["cmdline"]):
+                        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                            node = _node_of_pid(three_node_cluster, p.pid)
+                            if node is not None and node.node_id != head:
+                                three_node_cluster.remove_node(node)
+                                removed.append(node.node_id)
+                                return
+                time.sleep(0.5)
+        except BaseException as exc:  # surfaced by the assertions below
+            errors.append(exc)
+
+    thread = threading.Thread(target=remove_a_worker_node, daemon=True)
+    thread.start()
+    report = run_training(cfg)
+    thread.join(timeout=5)
+    assert not errors, errors
+    assert removed, "no worker node was removed: the run finished before its first checkpoint"
+    assert removed[0] not in {nd["NodeID"] for nd in ray.nodes() if nd["Alive"]}
+    assert report["metrics"]["step"] == 40
+    assert report["metrics"]["resumed_from_step"] is not None and report["metrics"]["resumed_from_step"] >= 8

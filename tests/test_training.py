@@ -8,40 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, BertModel, EncoderDecoderModel
 
-from conftest import TOY_QUESTIONS, write_jsonl
-from rag_ray.config import IndexConfig, TrainConfig, load_config
+from conftest import TOY_QUESTIONS, build_tiny_rag, registered_checkpoints, write_jsonl
+from rag_ray.config import TrainConfig, load_config
 from rag_ray.corpus import read_passages
-from rag_ray.encoders import DEFAULT_ENCODER, Encoder, resolve_model_path
+from rag_ray.encoders import DEFAULT_ENCODER
 from rag_ray.errors import RagRayError
-from rag_ray.generator import Generator, PointerGenerator, _set_special_tokens
-from rag_ray.indexing import build_index
-from rag_ray.model import RagConfig, RagModel
+from rag_ray.model import RagModel
 from rag_ray.retriever import Retriever
 from rag_ray.training import run_training
-
-
-def _bert(tok, **kw) -> BertConfig:
-    return BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=128, **kw)
 
 
 @pytest.fixture(scope="module")
 def setup(ray_local, toy_corpus, tmp_path_factory):
     """A tiny passage encoder, the toy index built with it, and a tiny RAG model to start from."""
     root = tmp_path_factory.mktemp("train")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_ENCODER))
-    torch.manual_seed(0)
-    encoder = Encoder(BertModel(_bert(tok)), tok, name="tiny-dpr", pooling="mean", normalize=True, max_length=64)
-    encoder.save_pretrained(root / "passage_encoder")
-    build_index(load_config(IndexConfig, overrides={"corpus": [toy_corpus], "out": str(root / "index"), "shards": 2,
-                                                   "encoder.name": str(root / "passage_encoder")}))
-    ed = EncoderDecoderModel(encoder=BertModel(_bert(tok)), decoder=BertLMHeadModel(_bert(tok, is_decoder=True, add_cross_attention=True)))
-    _set_special_tokens(ed, tok)
-    generator = Generator(PointerGenerator(ed), tok, max_source_length=64, max_target_length=8)
-    query_encoder = Encoder.from_pretrained(str(root / "passage_encoder"))
-    RagModel(query_encoder, generator, RagConfig(n_docs=2)).save_pretrained(root / "init_model")
+    build_tiny_rag(root, toy_corpus, n_docs=2)
     questions = write_jsonl(root / "q.jsonl", TOY_QUESTIONS * 4)  # 20 rows: 10 per worker
     return root, questions
 
@@ -142,16 +124,6 @@ def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
     assert 0 <= report["dev_em"] <= 1 and report["dev_nll"] > 0 and 0 <= report["dev_recall@5"] <= 1
     assert main(["eval-qa", "--model", init, "--questions", questions]) == 2
     assert "give --index" in capsys.readouterr().err
-
-
-def registered_checkpoints(run_dir: Path) -> list:
-    import json
-
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return json.loads(snapshot.read_text()).get("checkpoint_results", [])
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return []
 
 
 def test_killed_worker_recovers_from_the_last_checkpoint(setup):
