@@ -18,12 +18,11 @@ import pytest
 
 pytest.importorskip("selenium", reason="needs selenium (pip install -e '.[test]')")
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-from conftest import TOY_QUESTIONS, http, start_tiny_service  # noqa: E402
+from conftest import TOY_QUESTIONS, http, start_tiny_service
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -150,6 +149,7 @@ def test_passage_text_is_never_markup_and_answer_is_marked(service, browser):
         "p.append(markAnswer(arguments[0], arguments[1]));"
         "return [p.innerHTML, p.querySelectorAll('mark').length, p.querySelectorAll('img').length];",
         '<img src=x onerror="window.pwned=1"> guido van Rossum (1.0) and GUIDO VAN ROSSUM', "Guido van Rossum")
-    assert html == ['&lt;img src=x onerror="window.pwned=1"&gt; <mark>guido van Rossum</mark> (1.0) and '
-                    '<mark>GUIDO VAN ROSSUM</mark>', 2, 0]
+    escaped = ('&lt;img src=x onerror="window.pwned=1"&gt; <mark>guido van Rossum</mark> (1.0) and '
+               '<mark>GUIDO VAN ROSSUM</mark>')
+    assert html == [escaped, 2, 0]
     assert browser.execute_script("return markAnswer('a (1.0) b a (1x0)', '(1.0)').childNodes.length") == 3
