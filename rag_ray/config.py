@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from rag_ray.errors import RagRayError
-from rag_ray.types import DEFAULT_ENCODER, Mode
+from rag_ray.types import DECODINGS, DEFAULT_ENCODER, Mode
 
 T = TypeVar("T")
 
@@ -85,9 +85,11 @@ class IndexConfig:
     pq_m: int | None = None
     nprobe: int = 16
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    embedders: int = 1
-    embedder_cpus: float = 1.0
-    embedder_gpus: float = 0.0
+    #: embedding actors and what each holds; None (the default): sized from what the Ray cluster
+    #: reports (indexing.embedding_resources): one actor per GPU, else one 1-thread actor per CPU
+    embedders: int | None = None
+    embedder_cpus: float | None = None
+    embedder_gpus: float | None = None
     torch_threads: int | None = None
     overwrite: bool = False
     ray: RayConfig = field(default_factory=RayConfig)
@@ -96,7 +98,9 @@ class IndexConfig:
         problems = []
         if not self.corpus:
             problems.append("corpus: give at least one corpus file or directory")
-        problems += _at_least(1, self, "max_words", "shards", "hnsw_m", "ef_search", "nprobe", "embedders")
+        problems += _at_least(1, self, "max_words", "shards", "hnsw_m", "ef_search", "nprobe", "embedders",
+                              "torch_threads")
+        problems += _positive(self, "embedder_cpus") + _at_least(0, self, "embedder_gpus")
         if self.encoder.batch_size < 1 or self.encoder.max_length < 1:
             problems.append("encoder.batch_size and encoder.max_length must be >= 1")
         return problems
@@ -368,6 +372,41 @@ class ServeConfig:
         if self.max_ongoing_requests < self.max_batch_size:
             problems.append(f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size "
                             f"{self.max_batch_size}, so batches could never fill")
+        return problems
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``rag-ray eval-qa`` and ``jobs/evaluate.py``: EM / F1 / NLL / recall of a saved RagModel.
+
+    ``model`` and ``index`` are local paths or URIs (s3://, gs://, file://), downloaded once into a
+    local cache; ``index`` None means the index the model was trained against (its metadata).
+    ``mode``, ``n_docs`` and ``decoding`` None mean the model's own. ``retrieval`` adds the dense vs.
+    BM25 recall table of the same questions; ``report`` also writes the result there as JSON.
+    """
+
+    model: str = ""
+    index: str | None = None
+    questions: str = "squad-open:dev"
+    limit: int | None = None
+    mode: Mode | None = None
+    n_docs: int | None = None
+    decoding: str | None = None
+    num_beams: int = 1
+    max_new_tokens: int = 16
+    retrieval: bool = False
+    report: str | None = None
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> list[str]:
+        problems = [] if self.model else ["model: give a saved RagModel directory (a checkpoint's model/)"]
+        problems += [] if self.questions else ["questions: give a question file or squad-open:dev"]
+        problems += _at_least(1, self, "limit", "n_docs", "num_beams", "max_new_tokens")
+        if self.decoding is not None and self.decoding not in DECODINGS:
+            problems.append(f"decoding: {self.decoding!r} is not one of {list(DECODINGS)}")
+        elif self.mode is not None and self.decoding is not None and self.decoding not in self.mode.decodings:
+            problems.append(f"decoding: {self.decoding!r} does not apply to mode {self.mode.value!r} "
+                            f"(use one of {list(self.mode.decodings)})")
         return problems
 
 

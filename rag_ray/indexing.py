@@ -83,6 +83,30 @@ def _index_params(cfg: IndexConfig) -> dict:
     return {}
 
 
+def embedding_resources(cfg: IndexConfig, cluster: dict) -> tuple[int, float, float, int]:
+    """(max embedding actors, CPUs, GPUs and torch threads per actor): what the config says, and
+    for what it leaves unset (None), a size from the cluster's resources (``ray.cluster_resources()``).
+
+    With GPUs, one actor per GPU. On CPUs, one single-threaded actor per logical CPU: on 2 cores
+    two 1-thread actors embedded squad-open at 31.1 passages/s against 27.1 for one 2-thread actor
+    and 28.6 for one 1-thread actor (docs/benchmarks.md), since independent actors never wait for
+    each other's intra-op barriers. Threads are set explicitly: a Ray actor's torch otherwise runs
+    one thread (Ray sets OMP_NUM_THREADS=1 unless told), whatever CPUs it holds.
+    """
+    gpus_total = int(cluster.get("GPU", 0))
+    cpus_total = max(1, int(cluster.get("CPU", 1)))
+    gpus = cfg.embedder_gpus if cfg.embedder_gpus is not None else (1.0 if gpus_total else 0.0)
+    cpus = cfg.embedder_cpus if cfg.embedder_cpus is not None else 1.0
+    if cfg.embedders is not None:
+        embedders = cfg.embedders
+    elif gpus:
+        embedders = max(1, int(gpus_total / gpus))
+    else:
+        embedders = max(1, int(cpus_total / cpus))
+    threads = cfg.torch_threads or max(1, int(cpus))
+    return embedders, cpus, gpus, threads
+
+
 def build_index(cfg: IndexConfig) -> IndexManifest:
     """Build a new version of the index at ``cfg.out`` and make it current.
 
@@ -107,13 +131,16 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
     skips = ray.remote(num_cpus=0)(SkipCounter).remote()
     try:
         ds = read_corpus(cfg.corpus, cfg.format, cfg.max_words, cfg.on_error, skip_counter=skips)
+        pool = embedding_resources(cfg, ray.cluster_resources())
+        log.info("embedding with up to %d actors x (%g CPU, %g GPU, %d torch threads)", *pool)
+        embedders, cpus, gpus, threads = pool
         ds = ds.map_batches(
             EmbedPassages,
-            fn_constructor_kwargs={"encoder": cfg.encoder, "torch_threads": cfg.torch_threads},
+            fn_constructor_kwargs={"encoder": cfg.encoder, "torch_threads": threads},
             batch_size=max(cfg.encoder.batch_size, 256),
-            compute=ActorPoolStrategy(min_size=1, max_size=cfg.embedders),
-            num_cpus=cfg.embedder_cpus,
-            num_gpus=cfg.embedder_gpus,
+            compute=ActorPoolStrategy(min_size=1, max_size=embedders),
+            num_cpus=cpus,
+            num_gpus=gpus,
         )
         ds = ds.map_batches(route_to_shards, fn_kwargs={"shards": shards}, batch_size=None, num_cpus=0.1)
         start, total, last_log = time.perf_counter(), 0, 0.0

@@ -173,3 +173,14 @@ def test_cli_index_search_eval_json(ray_local, toy_corpus, toy_questions, tmp_pa
     assert report["dense"]["recall@1"] == 1.0 and report["dense"]["recall@5"] == 1.0
     assert 0.0 <= report["bm25"]["recall@1"] <= report["bm25"]["recall@5"] <= 1.0
     assert report["dense"]["answer_recall@5"] > 0
+
+
+def test_embedding_pool_is_sized_from_the_cluster_unless_the_config_says():
+    from rag_ray.indexing import embedding_resources
+
+    auto = load_config(IndexConfig, overrides={"corpus": ["x"]})
+    assert embedding_resources(auto, {"CPU": 2.0}) == (2, 1.0, 0.0, 1)  # one 1-thread actor per CPU
+    assert embedding_resources(auto, {"CPU": 32.0, "GPU": 4.0}) == (4, 1.0, 1.0, 1)  # one actor per GPU
+    fixed = load_config(IndexConfig, overrides={"corpus": ["x"], "embedders": 1, "embedder_cpus": 2,
+                                                "torch_threads": 2})
+    assert embedding_resources(fixed, {"CPU": 16.0}) == (1, 2.0, 0.0, 2)

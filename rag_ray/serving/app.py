@@ -27,7 +27,7 @@ from rag_ray.errors import RagRayError, user_error
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 #: Paths that serve only static content (the page, its files, the API docs) need no API key.
-_PUBLIC = ("/", "/docs", "/openapi.json")
+_PUBLIC = ("/", "/docs", "/openapi.json", "/favicon.ico")
 
 
 def is_loopback(host: str) -> bool:
