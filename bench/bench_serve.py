@@ -93,7 +93,8 @@ def summarize(log: list, seconds: float) -> dict:
             **percentiles(ok)}
 
 
-def deploy(model: str, index: str, port: int, max_batch_size: int, min_replicas: int, max_replicas: int) -> str:
+def deploy(model: str, index: str, port: int, max_batch_size: int, min_replicas: int, max_replicas: int,
+           threads: int = 1) -> str:
     from ray import serve
 
     from rag_ray.config import ServeConfig, load_config
@@ -104,7 +105,7 @@ def deploy(model: str, index: str, port: int, max_batch_size: int, min_replicas:
     cfg = load_config(ServeConfig, overrides={
         "model": model, "index": index, "port": port, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.05,
         "autoscaling": {"min_replicas": min_replicas, "max_replicas": max_replicas, "replica_cpus": 0.5,
-                        "torch_threads": 1, "target_ongoing_requests": 2, "upscale_delay_s": 5,
+                        "torch_threads": threads, "target_ongoing_requests": 2, "upscale_delay_s": 5,
                         "downscale_delay_s": 20}})
     serve.run(build_app(cfg), name="rag", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}"
@@ -125,22 +126,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0, help="per load level")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", default="docs/serve-autoscaling.png")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model replica (and in-process)")
+    parser.add_argument("--parts", nargs="+", default=["load", "autoscaling", "swap"],
+                        choices=["load", "autoscaling", "swap"], help="load = the baseline, 1/4/16 clients, batching")
     args = parser.parse_args()
 
-    import torch
     from ray import serve
 
     from rag_ray.config import IndexConfig, load_config
     from rag_ray.indexing import run_index
-    from rag_ray.manifest import resolve_index, set_current
     from rag_ray.model import RagModel
-    from rag_ray.pipeline import RagPipeline
     from rag_ray.runtime import init_ray
     from rag_ray.shards import ShardSet
 
     questions = nq_questions(args.questions)
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    results: dict = {"bench": "serve", "decode": DECODE, "seconds": args.seconds, "questions": len(questions)}
+    results: dict = {"bench": "serve", "decode": DECODE, "seconds": args.seconds, "questions": len(questions),
+                     "threads": args.threads}
     try:
         init_ray(num_cpus=4, object_store_memory=1024**3)
         index = args.index
@@ -152,97 +154,119 @@ def main() -> None:
             model_dir = str(tmp / "model")
             RagModel.from_components(device="cpu").save_pretrained(model_dir)
 
-        # 1. baseline: the same pipeline in this process, one question at a time, one torch thread
-        torch.set_num_threads(1)
-        shards = ShardSet.start(index)
-        pipeline = RagPipeline(RagModel.from_pretrained(model_dir, device="cpu").eval(), shards.retriever())
-        mode, decoding = DECODE["decoding"].split("-")
-        lat, start, i = [], time.monotonic(), 0
-        while time.monotonic() - start < args.seconds:
-            t0 = time.monotonic()
-            pipeline.answer([questions[i % len(questions)]], mode=mode, decoding=decoding, n_docs=DECODE["n_docs"],
-                            max_new_tokens=DECODE["max_new_tokens"])
-            lat.append(time.monotonic() - t0)
-            i += 1
-        results["in_process"] = {"requests": len(lat), "qps": len(lat) / args.seconds, **percentiles(lat)}
-        print("in-process:", json.dumps(results["in_process"]), flush=True)
-        del pipeline
-
-        # 2-3. Serve with 1 replica, batching on and off
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        results["serve"] = {}
-        for batch in (8, 1):
-            url = deploy(model_dir, index, args.port, batch, 1, 1) + "/v1/answer"
-            asyncio.run(closed_loop(url, questions, 1, 5.0, []))  # warm-up
-            for clients in ((1, 4, 16) if batch == 8 else (16,)):
-                log: list = []
-                asyncio.run(closed_loop(url, questions, clients, args.seconds, log))
-                row = summarize(log, args.seconds)
-                results["serve"][f"batch{batch}_clients{clients}"] = row
-                print(f"serve batch={batch} clients={clients}:", json.dumps(row), flush=True)
-        base = results["in_process"]["p50_ms"]
-        results["overhead_p50_1_client"] = results["serve"]["batch8_clients1"]["p50_ms"] / base
-        results["batching_qps_ratio_16_clients"] = (results["serve"]["batch8_clients16"]["qps"]
-                                                    / results["serve"]["batch1_clients16"]["qps"])
-        print(f"Serve/in-process p50 at 1 client: {results['overhead_p50_1_client']:.2f}; batching on/off QPS at "
-              f"16 clients: {results['batching_qps_ratio_16_clients']:.2f}", flush=True)
-
-        # 4. autoscaling: 1 client, a step to 12, back to 1
-        url = deploy(model_dir, index, args.port, 8, 1, 2) + "/v1/answer"
-        step = (30.0, 30.0 + 2 * args.seconds, 60.0 + 2 * args.seconds + 40.0)
-        clients = lambda t: 12 if step[0] <= t < step[1] else 1  # noqa: E731
-        timeline: list = []
-        stop = threading.Event()
-        t_start = time.monotonic()
-
-        def watch() -> None:
-            while not stop.is_set():
-                timeline.append((time.monotonic() - t_start, replicas()))
-                time.sleep(1.0)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        log = []
-        asyncio.run(closed_loop(url, questions, clients, step[2], log))
-        stop.set()
-        watcher.join()
-        results["autoscaling"] = {"step_s": step, "replicas": timeline, **summarize(log, step[2]),
-                                  "max_replicas_seen": max(r for _, r in timeline)}
-        plot(args.out, log, timeline, step, t_start)
-        print("autoscaling:", json.dumps({k: v for k, v in results["autoscaling"].items() if k != "replicas"}),
-              flush=True)
-
-        # 5. swap to a copy of the index (a new version) under load
-        root = Path(resolve_index(index)).parent
-        new_version = f"v{int(resolve_index(index).name[1:]) + 1:04d}"
-        shutil.copytree(resolve_index(index), root / new_version)
-        set_current(root, new_version)
-        url = deploy(model_dir, index, args.port, 8, 1, 1)
-        log = []
-        swap_times: dict = {}
-
-        def swap_later() -> None:
-            from rag_ray.cli import main as cli
-
-            time.sleep(args.seconds / 2)
-            swap_times["start"] = time.monotonic()
-            cli(["swap-index", "--url", url, "--index", str(root / new_version), "--json"])
-            swap_times["end"] = time.monotonic()
-
-        swapper = threading.Thread(target=swap_later)
-        swapper.start()
-        asyncio.run(closed_loop(url + "/v1/answer", questions, 4, args.seconds * 1.5, log))
-        swapper.join()
-        during = [r for r in log if r[1] >= swap_times["start"] and r[0] <= swap_times["end"]]
-        results["swap"] = {**summarize(log, args.seconds * 1.5), "swap_seconds": swap_times["end"] - swap_times["start"],
-                           "during": summarize(during, swap_times["end"] - swap_times["start"]),
-                           "versions": sorted({r[3] for r in log if r[3]})}
-        print("swap:", json.dumps(results["swap"]), flush=True)
+        shards = ShardSet.start(index)
+        if "load" in args.parts:
+            load_levels(args, questions, model_dir, index, shards, results)
+        if "autoscaling" in args.parts:
+            autoscaling(args, questions, model_dir, index, results)
+        if "swap" in args.parts:
+            swap_under_load(args, questions, model_dir, index, results)
         shards.retire()
         emit(results)
     finally:
         serve.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_levels(args, questions, model_dir, index, shards, results) -> None:
+    """In-process baseline, then 1 replica with batching on (1/4/16 clients) and off (16 clients)."""
+    import torch
+
+    from rag_ray.model import RagModel
+    from rag_ray.pipeline import RagPipeline
+
+    torch.set_num_threads(args.threads)
+    pipeline = RagPipeline(RagModel.from_pretrained(model_dir, device="cpu").eval(), shards.retriever())
+    mode, decoding = DECODE["decoding"].split("-")
+    lat, start, i = [], time.monotonic(), 0
+    while time.monotonic() - start < args.seconds:
+        t0 = time.monotonic()
+        pipeline.answer([questions[i % len(questions)]], mode=mode, decoding=decoding, n_docs=DECODE["n_docs"],
+                        max_new_tokens=DECODE["max_new_tokens"])
+        lat.append(time.monotonic() - t0)
+        i += 1
+    results["in_process"] = {"requests": len(lat), "qps": len(lat) / args.seconds, **percentiles(lat)}
+    print("in-process:", json.dumps(results["in_process"]), flush=True)
+    del pipeline
+
+    results["serve"] = {}
+    for batch in (8, 1):
+        url = deploy(model_dir, index, args.port, batch, 1, 1, args.threads) + "/v1/answer"
+        asyncio.run(closed_loop(url, questions, 1, 5.0, []))  # warm-up
+        for clients in ((1, 4, 16) if batch == 8 else (16,)):
+            log: list = []
+            asyncio.run(closed_loop(url, questions, clients, args.seconds, log))
+            row = summarize(log, args.seconds)
+            results["serve"][f"batch{batch}_clients{clients}"] = row
+            print(f"serve batch={batch} clients={clients}:", json.dumps(row), flush=True)
+    base = results["in_process"]["p50_ms"]
+    results["overhead_p50_1_client"] = results["serve"]["batch8_clients1"]["p50_ms"] / base
+    results["batching_qps_ratio_16_clients"] = (results["serve"]["batch8_clients16"]["qps"]
+                                                / results["serve"]["batch1_clients16"]["qps"])
+    print(f"Serve/in-process p50 at 1 client: {results['overhead_p50_1_client']:.2f}; batching on/off QPS at "
+          f"16 clients: {results['batching_qps_ratio_16_clients']:.2f}", flush=True)
+
+
+
+def autoscaling(args, questions, model_dir, index, results) -> None:
+    """1..2 replicas under 1 client, a step to 12 clients, back to 1; plotted to ``args.out``."""
+    url = deploy(model_dir, index, args.port, 8, 1, 2) + "/v1/answer"
+    step = (30.0, 30.0 + 2 * args.seconds, 60.0 + 2 * args.seconds + 40.0)
+    clients = lambda t: 12 if step[0] <= t < step[1] else 1  # noqa: E731
+    timeline: list = []
+    stop = threading.Event()
+    t_start = time.monotonic()
+
+    def watch() -> None:
+        while not stop.is_set():
+            timeline.append((time.monotonic() - t_start, replicas()))
+            time.sleep(1.0)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    log = []
+    asyncio.run(closed_loop(url, questions, clients, step[2], log))
+    stop.set()
+    watcher.join()
+    results["autoscaling"] = {"step_s": step, "replicas": timeline, **summarize(log, step[2]),
+                              "max_replicas_seen": max(r for _, r in timeline)}
+    plot(args.out, log, timeline, step, t_start)
+    print("autoscaling:", json.dumps({k: v for k, v in results["autoscaling"].items() if k != "replicas"}),
+          flush=True)
+
+
+
+def swap_under_load(args, questions, model_dir, index, results) -> None:
+    """Serve the current version, then swap to a copy of it (the next version) under 4 clients."""
+    from rag_ray.manifest import resolve_index, set_current
+
+    old = resolve_index(index)
+    root = old.parent
+    new_version = f"v{int(old.name[1:]) + 1:04d}"
+    shutil.copytree(old, root / new_version)
+    url = deploy(model_dir, str(old), args.port, 8, 1, 1)
+    set_current(root, new_version)
+    log = []
+    swap_times: dict = {}
+
+    def swap_later() -> None:
+        from rag_ray.cli import main as cli
+
+        time.sleep(args.seconds / 2)
+        swap_times["start"] = time.monotonic()
+        cli(["swap-index", "--url", url, "--index", str(root / new_version), "--json"])
+        swap_times["end"] = time.monotonic()
+
+    swapper = threading.Thread(target=swap_later)
+    swapper.start()
+    asyncio.run(closed_loop(url + "/v1/answer", questions, 4, args.seconds * 1.5, log))
+    swapper.join()
+    during = [r for r in log if r[1] >= swap_times["start"] and r[0] <= swap_times["end"]]
+    results["swap"] = {**summarize(log, args.seconds * 1.5), "swap_seconds": swap_times["end"] - swap_times["start"],
+                       "during": summarize(during, swap_times["end"] - swap_times["start"]),
+                       "versions": sorted({r[3] for r in log if r[3]})}
+    print("swap:", json.dumps(results["swap"]), flush=True)
 
 
 def plot(path: str, log: list, timeline: list, step: tuple, t_start: float) -> None:
