@@ -165,17 +165,13 @@ def _pipeline(args, mode):
 
 
 def cmd_eval_qa(args) -> int:
-    from rag_ray.datasets import read_questions
-    from rag_ray.evaluation import evaluate_qa
+    from rag_ray.config import EvalConfig
+    from rag_ray.evaluation import run_eval
 
-    examples = read_questions(args.questions, limit=args.limit)
-    pipeline, mode = _pipeline(args, args.mode)
-    n_docs = args.n_docs or pipeline.model.config.n_docs
-    rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
-    report = evaluate_qa(pipeline.model, pipeline.retriever, rows, mode=mode, n_docs=n_docs, decoding=args.decoding,
-                         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    pipeline.close()
-    report.update({"model": args.model, "mode": mode.value, "n_docs": n_docs})
+    report = run_eval(load_config(EvalConfig, overrides={
+        "model": args.model, "index": args.index, "questions": args.questions, "limit": args.limit,
+        "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens, **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:

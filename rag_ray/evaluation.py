@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rag_ray.datasets import QAExample
 from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
 from rag_ray.types import Mode, SearchResult
+
+if TYPE_CHECKING:
+    from rag_ray.config import EvalConfig
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 20, 100)
@@ -171,3 +174,46 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     if with_gold:
         out.update({f"dev_recall@{kk}": v / with_gold for kk, v in hits.items()})
     return out
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """The QA evaluation job, as ``rag-ray eval-qa`` and ``jobs/evaluate.py`` run it: load the model
+    and (when its mode retrieves, or ``cfg.retrieval`` asks for the dense vs. BM25 table) the index
+    (``cfg.index``, else the one the model was trained against), each copied locally first when
+    given as a URI; score the questions; return the report, also written to ``cfg.report`` if set."""
+    import json
+
+    from rag_ray.datasets import read_questions
+    from rag_ray.errors import RagRayError
+    from rag_ray.io import atomic_write_text, local_copy
+    from rag_ray.jobs import local_index
+    from rag_ray.model import RagModel
+    from rag_ray.retriever import Retriever
+    from rag_ray.runtime import init_ray_from
+
+    examples = read_questions(cfg.questions, limit=cfg.limit)
+    model = RagModel.from_pretrained(str(local_copy(cfg.model)))
+    mode = Mode.parse(cfg.mode or model.config.mode)
+    n_docs = cfg.n_docs or model.config.n_docs
+    index = retriever = None
+    if mode.retrieves or cfg.retrieval:
+        index = cfg.index or (model.metadata.get("index") or {}).get("path")
+        if not index:
+            raise RagRayError(f"mode {mode.value!r} retrieves passages: give an index (--index, or index: in "
+                              "the config)")
+        index = local_index(index)
+        init_ray_from(cfg.ray)
+        retriever = Retriever.load(index, query_encoder=model.query_encoder)
+    try:
+        rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
+        report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
+                             num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+        if cfg.retrieval:
+            report["retrieval"] = evaluate_retrieval(retriever, model.query_encoder, examples, index)
+    finally:
+        if retriever is not None:
+            retriever.shutdown()
+    report.update({"model": cfg.model, "mode": mode.value, "n_docs": n_docs})
+    if cfg.report:
+        atomic_write_text(cfg.report, json.dumps(report, indent=2))
+    return report

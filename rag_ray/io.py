@@ -61,3 +61,37 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local path for ``uri``, so code that opens files (FAISS, safetensors) can read remote storage.
+
+    A plain path comes back as is. A URI (``s3://``, ``gs://``, ``file://``: anything pyarrow's
+    ``FileSystem.from_uri`` reads) is downloaded, file or whole directory, into
+    ``cache_dir/<hash of uri>/<its name>`` (default ``$RAG_RAY_CACHE`` or ``~/.cache/rag_ray/remote``)
+    once, written aside and renamed, and reused by every later call: give it something that does
+    not change, such as a checkpoint's model directory or an index version directory.
+    """
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        return Path(uri)
+    import pyarrow.fs as pafs
+
+    from rag_ray.errors import RagRayError
+
+    try:
+        fs, remote = pafs.FileSystem.from_uri(uri)
+        kind = fs.get_file_info(remote).type
+    except (OSError, ValueError) as exc:
+        raise RagRayError(f"cannot read {uri}: {exc}") from None
+    if kind == pafs.FileType.NotFound:
+        raise RagRayError(f"{uri} does not exist")
+    root = Path(cache_dir or os.environ.get("RAG_RAY_CACHE") or Path.home() / ".cache" / "rag_ray" / "remote")
+    name = remote.rstrip("/").rsplit("/", 1)[-1] or "root"
+    dest = root / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16] / name
+    if dest.exists():
+        return dest
+    local = pafs.LocalFileSystem()
+    with (atomic_dir(dest) if kind == pafs.FileType.Directory else atomic_path(dest)) as tmp:
+        pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=local)
+    return dest
