@@ -22,7 +22,7 @@ index: venv
 	$(BIN)/rag-ray index --corpus squad-open --out $(INDEX) --shards 2 --overwrite
 
 # BUDGET (training minutes) and ARGS (e.g. ARGS=--no-keep) pass through to rag-ray quickstart
-BUDGET  ?= 8
+BUDGET  ?= 13
 quickstart: venv
 	$(BIN)/rag-ray quickstart --budget-minutes $(BUDGET) $(ARGS)
 

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the whole system on squad-open: index, train, evaluate, serve, ask")
     p.add_argument("--data", help="squad-open directory (default: $RAG_RAY_DATA, ../shared/data/squad-open, "
                                   "or SQuAD v1.1's dev file downloaded once)")
-    p.add_argument("--budget-minutes", type=float, help="training time (default 8): reader warm-up, then RAG")
+    p.add_argument("--budget-minutes", type=float, help="training time (default 13): reader warm-up, then RAG")
     p.add_argument("--eval-questions", type=int, help="dev questions for EM/F1 (default 200)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000, or a free one)")
     p.add_argument("--workdir", help="where runs and the final model go (default runs/quickstart)")
