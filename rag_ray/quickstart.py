@@ -173,6 +173,8 @@ def train_or_reuse(cfg: QuickstartConfig, workdir: Path) -> tuple[Path, str]:
         done = json.loads(record.read_text())
         if done.get("budget_minutes", 0) >= cfg.budget_minutes and done.get("index") == str(Path(cfg.index).resolve()):
             return final, f"reused {final} (trained for {done['budget_minutes']:g} min)"
+    for scratch in ("reader", "rag-seq"):  # Ray Train would resume a run dir of the same name
+        shutil.rmtree(workdir / scratch, ignore_errors=True)
     reader_min = cfg.budget_minutes * cfg.reader_share
     rag_min = cfg.budget_minutes - reader_min
     runs = str(workdir.resolve())
