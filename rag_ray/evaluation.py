@@ -199,8 +199,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if mode.retrieves or cfg.retrieval:
         index = cfg.index or (model.metadata.get("index") or {}).get("path")
         if not index:
-            raise RagRayError(f"mode {mode.value!r} retrieves passages: give an index (--index, or index: in "
-                              "the config)")
+            raise RagRayError(f"mode {mode.value!r} retrieves passages: give --index (index: in a config)")
         index = local_index(index)
         init_ray_from(cfg.ray)
         retriever = Retriever.load(index, query_encoder=model.query_encoder)
