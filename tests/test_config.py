@@ -21,6 +21,8 @@ def config_class(path: Path):
         return config.TrainConfig
     if path.name.startswith("serve"):
         return config.ServeConfig
+    if path.name.startswith("eval"):
+        return config.EvalConfig
     raise AssertionError(f"no config class for {path.name}")
 
 
