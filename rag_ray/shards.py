@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 #: Every rag_ray shard actor lives here, whatever namespace the process that started it runs in.
 NAMESPACE = "rag_ray"
-#: Logical CPUs a shard's placement bundle reserves when the caller gives none: enough to spread
-#: bundles over nodes, little enough that shards never starve the tasks that feed them.
-MIN_SHARD_CPUS = 0.01
+#: What a shard's placement bundle reserves when the caller gives it no CPUs: a token amount of
+#: Ray's logical "memory" resource. A bundle needs some resource to exist, and reserving even
+#: 0.01 CPU per shard left a 2-CPU node unable to run a 1-CPU read task beside a 1-CPU embedding
+#: actor, so the index build waited forever.
+SHARD_BUNDLE_MEMORY = 16 * 1024**2
 
 
 def actor_name(index: str, version: str, shard: int) -> str:
@@ -79,14 +81,15 @@ def spread_placement(n: int, num_cpus: float, name: str | None = None, detached:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    cpus = max(num_cpus, MIN_SHARD_CPUS)
-    group = placement_group([{"CPU": cpus}] * n, strategy="SPREAD", name=name or "",
+    bundle = {"CPU": num_cpus} if num_cpus > 0 else {"memory": SHARD_BUNDLE_MEMORY}
+    group = placement_group([bundle] * n, strategy="SPREAD", name=name or "",
                             lifetime="detached" if detached else None)
     if not group.wait(timeout_seconds=120):
         ray.util.remove_placement_group(group)
-        raise RagRayError(f"could not reserve {n} shard slots of {cpus} CPU each within 120 s: the cluster "
-                          f"offers {ray.available_resources().get('CPU', 0)} free CPUs")
-    options = [{"num_cpus": cpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, i)} for i in range(n)]
+        raise RagRayError(f"could not reserve {n} shard slots of {bundle} each within 120 s: the cluster "
+                          f"offers {ray.available_resources()}")
+    options = [{"num_cpus": num_cpus, "memory": bundle.get("memory", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, i)} for i in range(n)]
     return group, options
 
 
