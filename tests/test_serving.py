@@ -17,6 +17,7 @@ from conftest import TOY_QUESTIONS, http, start_tiny_service, write_jsonl
 from rag_ray.cli import main
 from rag_ray.config import IndexConfig, ServeConfig, load_config
 from rag_ray.errors import RagRayError
+from rag_ray.manifest import resolve_index
 
 KEY = "test-key-0123456789"  # http() sends it unless told otherwise
 NEW_DOCS = [
@@ -138,16 +139,18 @@ def test_concurrent_requests_are_batched(service):
 
 def test_overload_gets_503_with_retry_after_and_the_service_recovers(service):
     """More concurrent requests than max_ongoing_requests + max_queued_requests (16 + 64): the
-    excess is refused at once with 503 and Retry-After, never left hanging."""
+    excess is refused at once with 503 and Retry-After, never left hanging; each request is cheap,
+    so the accepted ones finish well within the request timeout."""
     url = service["url"] + "/v1/answer"
-    body = {"question": "Into which sea does the Nile flow?", "decoding": "sequence-thorough", "num_beams": 8,
-            "max_new_tokens": 64}
-    with ThreadPoolExecutor(120) as pool:
-        replies = list(pool.map(lambda _: http(url, body, timeout=300), range(120)))
-    refused = [(reply, headers) for status, reply, headers in replies if status == 503]
-    assert refused, sorted({status for status, _, _ in replies})
-    assert all(headers.get("Retry-After") == "1" and "overloaded" in reply["error"] for reply, headers in refused)
-    assert {status for status, _, _ in replies} <= {200, 503}
+    body = {"question": "Into which sea does the Nile flow?", "decoding": "sequence-fast", "max_new_tokens": 4}
+    with ThreadPoolExecutor(200) as pool:
+        replies = list(pool.map(lambda _: http(url, body, timeout=300), range(200)))
+    statuses = sorted({status for status, _, _ in replies})
+    assert set(statuses) <= {200, 503}, statuses
+    refused = [(reply, {k.lower(): v for k, v in headers.items()}) for status, reply, headers in replies
+               if status == 503]
+    assert refused, statuses
+    assert all(headers.get("retry-after") == "1" and "overloaded" in reply["error"] for reply, headers in refused)
     assert http(url, {"question": "Who created Python?", "max_new_tokens": 2})[0] == 200
 
 
@@ -155,9 +158,12 @@ def test_index_swap_under_load_has_no_failed_request_and_moves_forward(service, 
     from rag_ray.indexing import build_index
 
     url, root = service["url"], service["root"]
+    before = http(url + "/v1/index")[1]["index_version"]
     new_corpus = write_jsonl(tmp_path / "new.jsonl", NEW_DOCS)
     build_index(load_config(IndexConfig, overrides={"corpus": [new_corpus], "out": str(service["index"]),
                                                    "shards": 2, "encoder.name": str(root / "passage_encoder")}))
+    after = f"index/{resolve_index(service['index']).name}"
+    assert after != before
     body = {"question": "What is the capital of Quintaria?", "decoding": "sequence-fast", "max_new_tokens": 3}
     results: list = []
     loader = threading.Thread(target=lambda: results.extend(_load(url + "/v1/answer", 12.0, 2, body)))
@@ -166,15 +172,15 @@ def test_index_swap_under_load_has_no_failed_request_and_moves_forward(service, 
     assert main(["swap-index", "--url", url, "--index", str(service["index"]), "--api-key", KEY, "--json"]) == 0
     swapped_at = time.monotonic()
     status, reply, _ = http(url + "/v1/answer", body)  # the new index's text is what the model reads now
-    assert status == 200 and reply["index_version"] == "index/v0002"
+    assert status == 200 and reply["index_version"] == after
     assert {p["doc_id"] for p in reply["passages"]} == {"quintaria", "glass"}
     loader.join()
     assert results and all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:3]
     versions = [reply["index_version"] for _, _, reply in sorted(results, key=lambda r: r[0])]
-    assert versions[0] == "index/v0001" and versions[-1] == "index/v0002"
-    first_new = versions.index("index/v0002")
-    assert set(versions[first_new:]) == {"index/v0002"}  # versions only move forward
-    assert all(v == "index/v0002" for t, _, r in results for v in [r["index_version"]] if t > swapped_at + 0.5)
+    assert versions[0] == before and versions[-1] == after
+    first_new = versions.index(after)
+    assert set(versions[first_new:]) == {after}  # versions only move forward
+    assert all(r["index_version"] == after for t, _, r in results if t > swapped_at + 0.5)
 
 
 def test_a_corrupt_or_foreign_index_is_refused_and_the_old_one_keeps_serving(service, tmp_path, capsys):
