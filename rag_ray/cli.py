@@ -14,7 +14,7 @@ import sys
 import typing
 from typing import Callable
 
-from rag_ray.config import IndexConfig, load_config
+from rag_ray.config import EncoderConfig, IndexConfig, load_config
 from rag_ray.errors import RagRayError, user_error
 from rag_ray.types import DECODINGS, Mode
 
@@ -67,7 +67,7 @@ def cmd_index(args) -> int:
         "corpus": args.corpus, "out": args.out, "shards": args.shards, "index_type": args.index_type,
         "format": args.format, "max_words": args.max_words, "on_error": args.on_error,
         "embedders": args.embedders, "overwrite": args.overwrite or None, "encoder.name": args.encoder,
-        "encoder.batch_size": args.batch_size, "encoder.precision": "bf16" if args.bf16 else None,
+        "encoder.batch_size": args.batch_size, "encoder.precision": "bf16" if args.bf16 else args.precision,
     }.items() if v is not None}
     overrides.update(_ray_overrides(args))
     overrides.update(_set_overrides(args.set))
@@ -116,7 +116,7 @@ def cmd_search(args) -> int:
     encoder = _query_encoder(args.index, args.encoder)
     _ray(args)
     retriever = Retriever.load(args.index, query_encoder=encoder)
-    result = retriever.search(encoder.encode(questions), k=args.k)
+    result = retriever.search(encoder.encode(questions), k=args.k, vectors=False)
     retriever.shutdown()
     if args.json:
         print(json.dumps([{"question": q, "hits": [h.__dict__ for h in hits]}
@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=_choices(IndexConfig, "on_error"), help="malformed rows: fail (default) or skip and count")
     p.add_argument("--encoder", help="passage encoder checkpoint (HF name or path)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast while embedding (fast on AVX512-BF16 CPUs and GPUs)")
+    p.add_argument("--precision", choices=_choices(EncoderConfig, "precision"),
+                   help="embedding precision; auto (default): bf16 where the hardware has it (AVX512-BF16/AMX, GPUs), else fp32")
+    p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     p.add_argument("--embedders", type=int, help="max embedding actors")
     p.add_argument("--overwrite", action="store_true",
                    help="after the new version becomes current, delete older versions no running shard reads")

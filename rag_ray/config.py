@@ -63,9 +63,10 @@ class EncoderConfig:
     normalize: bool | None = None
     max_length: int = 256
     batch_size: int = 32
-    #: bf16 autocast for corpus embedding: 2.2x faster on CPUs with AVX512-BF16 at no measured
-    #: recall cost on squad-open (docs/benchmarks.md); slow on CPUs without native bf16.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    #: Corpus embedding precision. ``auto``: bf16 autocast where each embedding actor's hardware has
+    #: native bf16 (AVX512-BF16/AMX CPUs, GPUs: 2.2x faster at unchanged recall on squad-open,
+    #: docs/benchmarks.md), fp32 elsewhere (emulated bf16 is slower).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class IndexConfig:
     ivf_nlist: int | None = None
     pq_m: int | None = None
     nprobe: int = 16
+    #: ivfpq: re-rank refine x k PQ candidates by exact q·d with the stored fp16 vectors
+    refine: int = 4
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     #: embedding actors and what each holds; None (the default): sized from what the Ray cluster
     #: reports (indexing.embedding_resources): one actor per GPU, else one 1-thread actor per CPU
@@ -92,13 +95,16 @@ class IndexConfig:
     embedder_gpus: float | None = None
     torch_threads: int | None = None
     overwrite: bool = False
+    #: where shards keep rows until they finalize (local disk of each shard's node; None: the
+    #: system temp directory). Needs about 1.5x the corpus's fp32 vectors in free space.
+    spill_dir: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> list[str]:
         problems = []
         if not self.corpus:
             problems.append("corpus: give at least one corpus file or directory")
-        problems += _at_least(1, self, "max_words", "shards", "hnsw_m", "ef_search", "nprobe", "embedders",
+        problems += _at_least(1, self, "max_words", "shards", "hnsw_m", "ef_search", "nprobe", "refine", "embedders",
                               "torch_threads")
         problems += _positive(self, "embedder_cpus") + _at_least(0, self, "embedder_gpus")
         if self.encoder.batch_size < 1 or self.encoder.max_length < 1:

@@ -82,7 +82,7 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
         t0 = time.perf_counter()
         q = query_encoder.encode(questions[i : i + batch_size])
         encode_s += time.perf_counter() - t0
-        res = retriever.search(q, k)
+        res = retriever.search(q, k, vectors=False)
         doc_ids += [[h.doc_id for h in hits] for hits in res.hits]
         texts += [[h.text for h in hits] for hits in res.hits]
         if (i // batch_size) % 5 == 4:

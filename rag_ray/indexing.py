@@ -2,7 +2,8 @@
 shards write themselves into a new version directory that is renamed into place only when complete.
 
 Phases (each finishes before the next): start shards -> stream (read -> split -> embed on an
-actor pool -> route each row to its shard) -> finalize shards (build FAISS) -> save + manifest.
+actor pool -> route each row to its shard, which spills it to local disk) -> finalize shards
+(sort, build FAISS; one shard per node at a time) -> save + manifest.
 The driver only ever sees per-batch counts; vectors go straight from embedding actors to the
 shard that owns them (``crc32(passage_id) % shards``).
 """
@@ -15,12 +16,13 @@ import shutil
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from rag_ray.config import EncoderConfig, IndexConfig
 from rag_ray.corpus import read_corpus
-from rag_ray.encoders import Encoder
+from rag_ray.encoders import Encoder, resolve_precision
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_dir
 from rag_ray.manifest import (CURRENT, MANIFEST, EncoderInfo, IndexManifest, ShardInfo, next_version, set_current,
@@ -43,7 +45,9 @@ class EmbedPassages:
             torch.set_num_threads(torch_threads)
         self.encoder = Encoder.from_pretrained(encoder.name, encoder.pooling, encoder.normalize, encoder.max_length)
         self.batch_size = encoder.batch_size
-        self.bf16 = encoder.precision == "bf16"
+        self.precision = resolve_precision(encoder.precision, self.encoder.device)
+        self.bf16 = self.precision == "bf16"
+        log.info("embedding in %s on %s (precision %r)", self.precision, self.encoder.device, encoder.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -79,7 +83,7 @@ def _index_params(cfg: IndexConfig) -> dict:
     if cfg.index_type == "hnsw":
         return {"hnsw_m": cfg.hnsw_m, "ef_search": cfg.ef_search}
     if cfg.index_type == "ivfpq":
-        return {"ivf_nlist": cfg.ivf_nlist, "pq_m": cfg.pq_m, "nprobe": cfg.nprobe}
+        return {"ivf_nlist": cfg.ivf_nlist, "pq_m": cfg.pq_m, "nprobe": cfg.nprobe, "refine": cfg.refine}
     return {}
 
 
@@ -118,16 +122,10 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from rag_ray.shards import running_shards, shard_actor_class, spread_placement
-
     root = Path(cfg.out).resolve()
     _check_root(root)
     info = EncoderInfo.from_checkpoint(cfg.encoder.name, cfg.encoder.pooling, cfg.encoder.normalize,
                                        cfg.encoder.max_length)
-    params = _index_params(cfg)
-    group, placement = spread_placement(cfg.shards, 0.0)
-    actor = shard_actor_class()
-    shards = [actor.options(**opts).remote(info.dim, cfg.index_type, **params) for opts in placement]
     skips = ray.remote(num_cpus=0)(SkipCounter).remote()
     try:
         ds = read_corpus(cfg.corpus, cfg.format, cfg.max_words, cfg.on_error, skip_counter=skips)
@@ -142,6 +140,41 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
             num_cpus=cpus,
             num_gpus=gpus,
         )
+
+        def describe(total: int, seconds: float) -> dict:
+            skipped, examples = ray.get(skips.get.remote())
+            if total == 0:
+                raise RagRayError(f"no passages in corpus {cfg.corpus}" + (f" ({skipped} rows skipped)" if skipped else ""))
+            return {"paths": [str(p) for p in cfg.corpus], "max_words": cfg.max_words,
+                    "precision": cfg.encoder.precision, "skipped_rows": skipped,
+                    "skipped_examples": examples, "embed_seconds": round(seconds, 2)}
+
+        return write_index(ds, cfg, info, describe)
+    finally:
+        ray.kill(skips)
+
+
+def write_index(ds, cfg: IndexConfig, encoder: EncoderInfo, describe: Callable[[int, float], dict]) -> IndexManifest:
+    """Stream a dataset of passages that carry a ``vector`` column into new shard actors, build
+    each shard's FAISS index, and write them as a new version of the index root ``cfg.out``.
+
+    Rows go straight from the dataset's last stage to the shard that owns them; shards spill to
+    local disk while the corpus streams. Shards then finalize one per node at a time, each with
+    all of its node's CPUs: memory peaks at one shard's index per node, not all of them.
+    ``describe(passages, seconds)`` returns the manifest's ``corpus`` record once the stream ends.
+    """
+    import ray
+
+    from rag_ray.shards import bundle_nodes, node_cpus, running_shards, shard_actor_class, spread_placement
+
+    root = Path(cfg.out).resolve()
+    _check_root(root)
+    params = _index_params(cfg)
+    group, placement = spread_placement(cfg.shards, 0.0)
+    actor = shard_actor_class()
+    shards = [actor.options(**opts).remote(encoder.dim, cfg.index_type, spill_dir=cfg.spill_dir, **params)
+              for opts in placement]
+    try:
         ds = ds.map_batches(route_to_shards, fn_kwargs={"shards": shards}, batch_size=None, num_cpus=0.1)
         start, total, last_log = time.perf_counter(), 0, 0.0
         for batch in ds.iter_batches(batch_size=None):
@@ -151,25 +184,21 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
                 log.info("indexed %d passages (%.1f passages/s)", total, total / max(now, 1e-9))
                 last_log = now
         elapsed = time.perf_counter() - start
-        skipped, examples = ray.get(skips.get.remote())
-        if total == 0:
-            raise RagRayError(f"no passages in corpus {cfg.corpus}" + (f" ({skipped} rows skipped)" if skipped else ""))
-        counts = ray.get([s.finalize.remote() for s in shards])
+        corpus = describe(total, elapsed)
+        counts = _finalize(shards, bundle_nodes(group), node_cpus())
+        corpus["shard_max_rss_mb"] = [round(st["max_rss_mb"]) for st in ray.get([s.stats.remote() for s in shards])]
         version = next_version(root)
         with atomic_dir(root / version) as tmp:
             files = ray.get([s.save.remote(str(tmp / f"shard-{i:05d}")) for i, s in enumerate(shards)])
             manifest = IndexManifest(
-                encoder=info, index_type=cfg.index_type, index_params=params,
+                encoder=encoder, index_type=cfg.index_type, index_params=params,
                 shards=[ShardInfo(f"shard-{i:05d}", int(n), f) for i, (n, f) in enumerate(zip(counts, files))],
-                passage_count=int(sum(counts)),
-                corpus={"paths": [str(p) for p in cfg.corpus], "max_words": cfg.max_words,
-                        "precision": cfg.encoder.precision, "skipped_rows": skipped,
-                        "skipped_examples": examples, "embed_seconds": round(elapsed, 2)},
+                passage_count=int(sum(counts)), corpus=corpus,
             )
             manifest.write(tmp)
         set_current(root, version)
         log.info("wrote %s/%s: %d passages in %d shards (%.1f passages/s)", root, version, total, cfg.shards,
-                 total / elapsed)
+                 total / max(time.perf_counter() - start, 1e-9))
         if cfg.overwrite:
             for old in version_dirs(root):
                 if old.name != version and not running_shards(root.name, old.name):
@@ -178,8 +207,26 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
     finally:
         for s in shards:
             ray.kill(s)
-        ray.kill(skips)
         ray.util.remove_placement_group(group)
+
+
+def _finalize(shards: list, nodes: list, cpus: dict) -> list[int]:
+    """Finalize the shards one per node at a time (in parallel across nodes), each with its node's
+    CPUs as FAISS threads; returns each shard's row count."""
+    import ray
+
+    queues: dict = {}
+    for i, node in enumerate(nodes):
+        queues.setdefault(node, []).append(i)
+    counts: list[int] = [0] * len(shards)
+    while any(queues.values()):
+        batch = [q.pop(0) for q in queues.values() if q]
+        started = time.perf_counter()
+        done = ray.get([shards[i].finalize.remote(max(1, int(cpus.get(nodes[i], 1)))) for i in batch])
+        for i, n in zip(batch, done):
+            counts[i] = n
+        log.info("finalized shard(s) %s: %s passages in %.1f s", batch, done, time.perf_counter() - started)
+    return counts
 
 
 def run_index(cfg: IndexConfig) -> dict:

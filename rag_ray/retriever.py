@@ -26,6 +26,11 @@ from rag_ray.types import Hit, SearchResult
 #: Most queries one search call accepts and most passages per query; beyond, split the batch.
 MAX_BATCH = 4096
 MAX_K = 2048
+#: Up to this many (query, passage) slots a search takes one round trip (payload with the
+#: scores); beyond, two (payload for the merged winners only). Measured in bench/bench_search.py.
+ONE_ROUND_ROWS = 256
+#: Query arrays larger than this go to the object store once instead of inline in every call.
+INLINE_BYTES = 100 * 1024
 
 
 class ShardUnavailable(RuntimeError):
@@ -66,11 +71,12 @@ class Retriever:
         info = getattr(query_encoder, "info", query_encoder)
         return ShardSet.start(index_dir, query_encoder=info, num_cpus=num_cpus, detached=detached).retriever()
 
-    def search(self, query_vectors: np.ndarray, k: int = 10) -> SearchResult:
-        """Top-k passages for each query vector: hits plus stored vectors [B, k, D] float32."""
+    def search(self, query_vectors: np.ndarray, k: int = 10, vectors: bool = True) -> SearchResult:
+        """Top-k passages for each query vector: hits plus stored vectors [B, k, D] float32
+        (``vectors=False`` when the caller needs only the hits: none are copied or sent)."""
         import ray
 
-        steps = self._search_steps(query_vectors, k)
+        steps = self._search_steps(query_vectors, k, vectors)
         try:
             refs = next(steps)
             while True:
@@ -80,9 +86,9 @@ class Retriever:
         except StopIteration as done:
             return done.value
 
-    async def search_async(self, query_vectors: np.ndarray, k: int = 10) -> SearchResult:
+    async def search_async(self, query_vectors: np.ndarray, k: int = 10, vectors: bool = True) -> SearchResult:
         """``search`` for an event loop: awaits the ObjectRefs, never blocks the loop in ray.get."""
-        steps = self._search_steps(query_vectors, k)
+        steps = self._search_steps(query_vectors, k, vectors)
         try:
             refs = next(steps)
             while True:
@@ -92,23 +98,32 @@ class Retriever:
         except StopIteration as done:
             return done.value
 
-    def _search_steps(self, query_vectors: np.ndarray, k: int) -> Generator[list, list, SearchResult]:
+    def _search_steps(self, query_vectors: np.ndarray, k: int, vectors: bool) -> Generator[list, list, SearchResult]:
         """The search as steps that yield ObjectRefs and receive their values, so the sync and the
-        async path share every line of logic and differ only in how they wait."""
+        async path share every line of logic and differ only in how they wait.
+
+        Small batches (batch x k <= ONE_ROUND_ROWS) take one round trip: each shard returns its
+        top-k with their payload. Larger ones take two: scores first, then payload for the merged
+        winners only, so the payload sent does not grow with the number of shards.
+        """
         import ray
 
         q = self._check(query_vectors, k)
-        q_ref = ray.put(q)
-        parts = yield [s.search.remote(q_ref, k) for s in self.shards]
-        scores, shard_ids, rows = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
-        # Phase two: payload only for the merged winners, one call per shard that has any.
-        wanted = {s: sorted({int(r) for r in rows[shard_ids == s]}) for s in range(len(self.shards))}
-        fetch = [s for s, rs in wanted.items() if rs]
-        fetched = yield [self.shards[s].fetch.remote(wanted[s]) for s in fetch]
-        payload = dict(zip(fetch, fetched))
-        position = {s: {r: i for i, r in enumerate(wanted[s])} for s in payload}
+        arg = ray.put(q) if len(self.shards) > 1 and q.nbytes > INLINE_BYTES else q
+        if len(q) * k <= ONE_ROUND_ROWS:
+            parts = yield [s.search_payload.remote(arg, k, vectors) for s in self.shards]
+            scores, shard_ids, rows = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+            payload = {s: p[2] for s, p in enumerate(parts)}
+        else:
+            parts = yield [s.search.remote(arg, k) for s in self.shards]
+            scores, shard_ids, rows = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+            wanted = {s: sorted({int(r) for r in rows[shard_ids == s]}) for s in range(len(self.shards))}
+            fetch = [s for s, rs in wanted.items() if rs]
+            fetched = yield [self.shards[s].fetch.remote(wanted[s], vectors) for s in fetch]
+            payload = {s: {"rows": wanted[s], **f} for s, f in zip(fetch, fetched)}
+        position = {s: {r: i for i, r in enumerate(p["rows"])} for s, p in payload.items()}
         b, kk = scores.shape
-        vectors = np.zeros((b, kk, self.dim), dtype=np.float32)
+        out = np.zeros((b, kk, self.dim), dtype=np.float32) if vectors else None
         hits: list[list[Hit]] = []
         for i in range(b):
             row_hits = []
@@ -120,9 +135,10 @@ class Retriever:
                 at = position[s][int(rows[i, j])]
                 row_hits.append(Hit(p["passage_id"][at], p["doc_id"][at], p["title"][at], p["text"][at],
                                     float(scores[i, j])))
-                vectors[i, len(row_hits) - 1] = p["vectors"][at]
+                if out is not None:
+                    out[i, len(row_hits) - 1] = p["vectors"][at]
             hits.append(row_hits)
-        return SearchResult(hits=hits, vectors=vectors)
+        return SearchResult(hits=hits, vectors=out)
 
     def _check(self, query_vectors: np.ndarray, k: int) -> np.ndarray:
         q = np.asarray(query_vectors, dtype=np.float32)

@@ -1,15 +1,20 @@
 """One FAISS shard: vectors, index and passage payload for a slice of the corpus.
 
 ``IndexShard`` is plain Python (testable without Ray); the Ray actor around it is made at the
-edge by :func:`shard_actor`. A shard buffers rows while the corpus streams in, then builds its
-index in :meth:`finalize` from rows sorted by ``passage_id``, so the same corpus always gives
-byte-identical shard files, whatever order Ray Data delivered the rows in.
+edge (:mod:`rag_ray.shards`). While the corpus streams in, a shard spills its rows to local disk
+(raw fp32 vectors appended to one file, passages as Parquet row groups), so memory stays flat
+however large the corpus. :meth:`finalize` then sorts the rows by ``passage_id`` (the same corpus
+always gives byte-identical shard files, whatever order Ray Data delivered the rows in), trains
+IVF-PQ on a sample, and adds the vectors in chunks while writing the fp16 stored vectors straight
+to a memory-mapped file: the peak is the FAISS index itself plus one chunk.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +27,13 @@ from rag_ray.io import atomic_path, sha256_file
 IndexType = Literal["flat", "hnsw", "ivfpq"]
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 SHARD_FILES = ("index.faiss", "vectors.npy", "passages.parquet")
+PASSAGE_COLUMNS = ("passage_id", "doc_id", "title", "text")
 #: Below this many vectors a shard cannot train an IVF-PQ quantizer worth having.
 MIN_IVFPQ_VECTORS = 1000
+#: Flat search uses BLAS (one pass over the vectors per batch) from this many queries on.
+BLAS_THRESHOLD = 1
+#: Rows per chunk while finalize adds vectors to FAISS (64 Ki x 384 fp32 = 96 MiB).
+ADD_CHUNK = 65536
 
 
 class IndexShard:
@@ -32,12 +42,20 @@ class IndexShard:
     Search returns shard-local row numbers and scores; :meth:`fetch` turns winning rows into
     payload (ids, titles, texts, stored vectors) so only the merged top-k cross the network.
 
+    IVF-PQ shards re-rank ``refine`` x k candidates by their exact inner product with the stored
+    fp16 vectors, which PQ codes alone would rank only approximately.
+
+    ``threads`` is the shard's OpenMP budget for FAISS (search and build); None leaves the
+    process default (a Ray actor without CPUs gets 1). ``spill_dir`` is where rows wait for
+    :meth:`finalize` (default: the system temp directory of the node).
+
     With ``restore_from`` the constructor loads (and checksums against ``files``) a saved shard,
     so an actor that Ray restarts after a crash comes back complete, never empty.
     """
 
     def __init__(self, dim: int, index_type: IndexType = "flat", hnsw_m: int = 32, ef_search: int = 128,
-                 ivf_nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, seed: int = 0,
+                 ivf_nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, refine: int = 4,
+                 seed: int = 0, threads: int | None = None, spill_dir: str | None = None,
                  restore_from: str | os.PathLike | None = None, files: dict[str, dict] | None = None) -> None:
         if index_type not in INDEX_TYPES:
             raise RagRayError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
@@ -45,15 +63,18 @@ class IndexShard:
             raise RagRayError(f"dim must be >= 1, got {dim}")
         if index_type == "ivfpq" and pq_m is not None and dim % pq_m:
             raise RagRayError(f"pq_m={pq_m} must divide the vector dimension {dim}")
+        if threads is not None and threads < 1:
+            raise RagRayError(f"threads must be >= 1, got {threads}")
         self.dim, self.index_type = dim, index_type
-        self.hnsw_m, self.ef_search, self.ivf_nlist, self.pq_m, self.nprobe, self.seed = (
-            hnsw_m, ef_search, ivf_nlist, pq_m, nprobe, seed)
-        self._pending: list[tuple[list[str], list[str], list[str], list[str], np.ndarray]] = []
+        if refine < 1:
+            raise RagRayError(f"refine must be >= 1, got {refine}")
+        self.hnsw_m, self.ef_search, self.ivf_nlist, self.pq_m, self.nprobe, self.refine, self.seed = (
+            hnsw_m, ef_search, ivf_nlist, pq_m, nprobe, refine, seed)
+        self.threads, self.spill_dir = threads, spill_dir
+        self._spill: _Spill | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None  # finalized files not yet saved
         self.index: faiss.Index | None = None
-        self.passage_ids: list[str] = []
-        self.doc_ids: list[str] = []
-        self.titles: list[str] = []
-        self.texts: list[str] = []
+        self.passages = _empty_passages()
         self.vectors = np.zeros((0, dim), dtype=np.float16)
         self.directory: str | None = None
         if restore_from is not None:
@@ -61,7 +82,9 @@ class IndexShard:
 
     # ------------------------------------------------------------------ build
     def add(self, passage_ids, doc_ids, titles, texts, vectors: np.ndarray) -> int:
-        """Buffer a batch of rows; returns how many the shard now holds in its buffer."""
+        """Spill a batch of rows to local disk; returns how many rows the shard has received."""
+        import pyarrow as pa
+
         vectors = np.asarray(vectors, dtype=np.float32)
         n = len(passage_ids)
         if vectors.ndim != 2 or vectors.shape != (n, self.dim):
@@ -70,61 +93,75 @@ class IndexShard:
             raise ValueError("passage_ids, doc_ids, titles and texts must have the same length")
         if self.index is not None:
             raise RuntimeError("shard is already finalized; build a new shard to add rows")
-        self._pending.append((list(passage_ids), list(doc_ids), list(titles), list(texts), vectors))
-        return sum(len(p[0]) for p in self._pending)
+        if self._spill is None:  # IVF-PQ is lossy anyway: its rows wait in fp16, half the disk
+            self._spill = _Spill(self.dim, self.spill_dir, np.float16 if self.index_type == "ivfpq" else np.float32)
+        columns = (passage_ids, doc_ids, titles, texts)
+        table = pa.table({name: pa.array([str(x) for x in col], pa.string()) for name, col in zip(PASSAGE_COLUMNS, columns)})
+        return self._spill.append(table, vectors)
 
-    def finalize(self) -> int:
-        """Sort buffered rows by passage id, build the FAISS index; returns the row count.
+    def finalize(self, threads: int | None = None) -> int:
+        """Sort the spilled rows by passage id and build the FAISS index; returns the row count.
 
-        Vectors are moved chunk by chunk into one sorted array (each buffered chunk is freed as it
-        is copied), so the peak is about one extra copy of the shard, not three.
+        ``threads`` overrides the shard's FAISS threads for the build (a build that runs one shard
+        of a node at a time can use all the node's cores).
         """
-        pids = [x for p in self._pending for x in p[0]]
-        if len(set(pids)) != len(pids):
-            seen: set[str] = set()
-            dup = next(x for x in pids if x in seen or seen.add(x))
-            raise RagRayError(f"duplicate passage_id {dup!r}: document ids must be unique across the corpus")
-        order = np.array(sorted(range(len(pids)), key=pids.__getitem__), dtype=np.int64)
-        position = np.empty(len(pids), dtype=np.int64)
-        position[order] = np.arange(len(pids))
-        docs, titles, texts = ([x for p in self._pending for x in p[j]] for j in (1, 2, 3))
-        self.passage_ids = [pids[i] for i in order]
-        self.doc_ids = [docs[i] for i in order]
-        self.titles = [titles[i] for i in order]
-        self.texts = [texts[i] for i in order]
-        del pids, docs, titles, texts
-        vecs = np.empty((len(order), self.dim), dtype=np.float32)
-        offset = 0
-        while self._pending:
-            chunk = self._pending.pop(0)[4]
-            vecs[position[offset : offset + len(chunk)]] = chunk
-            offset += len(chunk)
-        self.vectors = vecs.astype(np.float16)
-        self.index = self._build(vecs)
-        return len(self.passage_ids)
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-    def _build(self, vecs: np.ndarray) -> faiss.Index:
-        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if self.index is not None:
+            raise RuntimeError("shard is already finalized")
+        self._set_threads(threads or self.threads)
+        spill, self._spill = self._spill, None
+        table, spilled = spill.close() if spill is not None else (_empty_passages(), np.zeros((0, self.dim), np.float16))
+        n = table.num_rows
+        order = pc.sort_indices(table.column("passage_id")).to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
+        table = table.take(pa.array(order)).combine_chunks() if n else table
+        pids = table.column("passage_id")
+        if n > 1:
+            same = pc.equal(pids.slice(1), pids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+            if same.any():
+                dup = pids[int(np.argmax(same))].as_py()
+                raise RagRayError(f"duplicate passage_id {dup!r}: document ids must be unique across the corpus")
+        self._scratch = tempfile.TemporaryDirectory(prefix="rag_ray_shard_", dir=self.spill_dir)
+        out_path = Path(self._scratch.name) / "vectors.npy"
+        index = self._new_index(n, lambda positions: spilled[order[positions]])
+        if n:
+            stored = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float16, shape=(n, self.dim))
+            for start in range(0, n, ADD_CHUNK):
+                chunk = np.ascontiguousarray(spilled[order[start : start + ADD_CHUNK]], dtype=np.float32)
+                index.add(chunk)
+                stored[start : start + len(chunk)] = chunk
+            stored.flush()
+            del stored
+        else:  # numpy cannot memory-map an empty array
+            _save_npy(out_path, np.zeros((0, self.dim), np.float16))
+        spilled = None  # unmap before the spill file goes
+        if spill is not None:
+            spill.cleanup()
+        self.passages = table
+        self.vectors = _load_npy(out_path)
+        self._tune(index)
+        self.index = index
+        return n
+
+    def _new_index(self, n: int, sample_rows) -> faiss.Index:
+        """An empty index, trained (IVF-PQ) on a seeded sample of rows in sorted order."""
         if self.index_type == "flat":
-            index = faiss.IndexFlatIP(self.dim)
-        elif self.index_type == "hnsw":
+            return faiss.IndexFlatIP(self.dim)
+        if self.index_type == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = max(40, 2 * self.hnsw_m)
-        else:
-            n = len(vecs)
-            if n < MIN_IVFPQ_VECTORS:
-                raise RagRayError(f"ivfpq needs at least {MIN_IVFPQ_VECTORS} vectors per shard to train, "
-                                 f"this shard has {n}; use --index-type flat or hnsw, or fewer shards")
-            nlist = self.ivf_nlist or max(1, min(4 * int(math.sqrt(n)), n // 39))
-            m = self.pq_m or next(m for m in (self.dim // 8, self.dim // 4, self.dim // 2, self.dim) if m and self.dim % m == 0)
-            quantizer = faiss.IndexFlatIP(self.dim)
-            index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(self.seed)
-            sample = vecs[rng.choice(n, size=min(n, max(256 * 40, nlist * 40)), replace=False)]
-            index.train(sample)
-        if len(vecs):
-            index.add(vecs)
-        self._tune(index)
+            return index
+        if n < MIN_IVFPQ_VECTORS:
+            raise RagRayError(f"ivfpq needs at least {MIN_IVFPQ_VECTORS} vectors per shard to train, "
+                             f"this shard has {n}; use --index-type flat or hnsw, or fewer shards")
+        nlist = self.ivf_nlist or max(1, min(4 * int(math.sqrt(n)), n // 39))
+        m = self.pq_m or next(m for m in (self.dim // 8, self.dim // 4, self.dim // 2, self.dim) if m and self.dim % m == 0)
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(self.seed)
+        positions = np.sort(rng.choice(n, size=min(n, max(256 * 40, nlist * 40)), replace=False))
+        index.train(np.ascontiguousarray(sample_rows(positions), dtype=np.float32))
         return index
 
     def _tune(self, index: faiss.Index) -> None:
@@ -133,9 +170,33 @@ class IndexShard:
         elif isinstance(index, faiss.IndexIVF):
             index.nprobe = self.nprobe
 
+    def tune(self, nprobe: int | None = None, ef_search: int | None = None, refine: int | None = None) -> None:
+        """Change search-time parameters of a live shard (speed against recall); no rebuild."""
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("refine", refine)):
+            if value is not None:
+                if value < 1:
+                    raise RagRayError(f"{name} must be >= 1, got {value}")
+                setattr(self, name, int(value))
+        if self.index is not None:
+            self._tune(self.index)
+
+    def _set_threads(self, threads: int | None) -> None:
+        """FAISS threads for this call. OpenMP keeps the count per calling thread, and an actor
+        serves calls from a thread pool, so it is set on every call, not once. Flat search also
+        goes through BLAS from the first query: faiss-cpu 1.15 ships a threshold of 128,000
+        queries below which it scans once per query, 3-7x slower at batches of 16-64 over 1M
+        vectors here, and no faster for a single query (docs/benchmarks.md)."""
+        faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+        if threads:
+            faiss.omp_set_num_threads(threads)
+
     # ------------------------------------------------------------------ query
     def __len__(self) -> int:
-        return len(self.passage_ids)
+        return self.passages.num_rows
+
+    @property
+    def passage_ids(self) -> list[str]:
+        return self.passages.column("passage_id").to_pylist()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[B, D] float32 -> (scores [B, k'], local rows [B, k']), k' = min(k, shard size); -1 = empty."""
@@ -150,18 +211,42 @@ class IndexShard:
         if kk == 0:
             b = len(queries)
             return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
-        scores, rows = self.index.search(queries, kk)
-        return scores, rows
+        self._set_threads(self.threads)
+        if self.index_type != "ivfpq" or self.refine == 1:
+            return self.index.search(queries, kk)
+        _, rows = self.index.search(queries, min(len(self), kk * self.refine))
+        return self._rerank(queries, rows, kk)
 
-    def fetch(self, rows: list[int]) -> dict:
-        """Payload for local rows: ids, doc ids, titles, texts and stored vectors (fp16)."""
-        return {
-            "passage_id": [self.passage_ids[r] for r in rows],
-            "doc_id": [self.doc_ids[r] for r in rows],
-            "title": [self.titles[r] for r in rows],
-            "text": [self.texts[r] for r in rows],
-            "vectors": np.asarray(self.vectors[rows]),
-        }
+    def _rerank(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact q·d over the stored vectors of the candidate rows; the top k of them."""
+        safe = np.where(rows < 0, 0, rows)
+        order = np.argsort(safe, axis=None)  # read the memory-mapped rows in file order
+        flat = np.empty((safe.size, self.dim), np.float32)
+        flat[order] = self.vectors[safe.ravel()[order]]
+        scores = np.einsum("bkd,bd->bk", flat.reshape(*rows.shape, self.dim), queries)
+        scores[rows < 0] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top_scores, top_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows, top, 1)
+        top_scores[top_rows < 0] = -np.inf
+        return top_scores.astype(np.float32), top_rows
+
+    def search_payload(self, queries: np.ndarray, k: int, vectors: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``search`` plus the payload of every row it returns (``fetch`` of the unique rows, with
+        a ``rows`` list saying which): one round trip instead of two, for small batches where the
+        extra payload costs less than a second call."""
+        scores, rows = self.search(queries, k)
+        unique = sorted({int(r) for r in rows[rows >= 0]})
+        return scores, rows, {"rows": unique, **self.fetch(unique, vectors)}
+
+    def fetch(self, rows: list[int], vectors: bool = True) -> dict:
+        """Payload for local rows: ids, doc ids, titles, texts and (unless ``vectors`` is False)
+        the stored vectors (fp16)."""
+        import pyarrow as pa
+
+        picked = self.passages.take(pa.array(rows, pa.int64()))
+        out = {name: picked.column(name).to_pylist() for name in PASSAGE_COLUMNS}
+        out["vectors"] = np.asarray(self.vectors[rows]) if vectors else None
+        return out
 
     def stats(self) -> dict:
         """Size and placement (the Ray node id when running as an actor)."""
@@ -176,31 +261,42 @@ class IndexShard:
         import resource
 
         return {"passages": len(self), "index_type": self.index_type, "dim": self.dim, "node_id": node,
-                "directory": self.directory, "pid": os.getpid(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "directory": self.directory, "pid": os.getpid(), "threads": self.threads,
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> dict[str, dict]:
         """Write the shard's files into ``directory`` (each written aside, then renamed);
-        returns {file: {sha256, bytes}} for the manifest."""
-        import pyarrow as pa
+        returns {file: {sha256, bytes}} for the manifest. The stored vectors finalize wrote are
+        moved, not copied, when they are on the same file system."""
         import pyarrow.parquet as pq
 
         if self.index is None:
             raise RuntimeError("finalize() the shard before save()")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        scratch_vectors = Path(self._scratch.name) / "vectors.npy" if self._scratch is not None else None
+
+        def write_vectors(tmp: Path) -> None:
+            if scratch_vectors is not None and scratch_vectors.is_file():
+                shutil.move(scratch_vectors, tmp)
+            else:
+                _save_npy(tmp, self.vectors)
+
         writers = {
             "index.faiss": lambda p: faiss.write_index(self.index, str(p)),
-            "vectors.npy": lambda p: _save_npy(p, self.vectors),
-            "passages.parquet": lambda p: pq.write_table(pa.table({
-                "passage_id": self.passage_ids, "doc_id": self.doc_ids,
-                "title": self.titles, "text": self.texts}), p),
+            "vectors.npy": write_vectors,
+            "passages.parquet": lambda p: pq.write_table(self.passages, p),
         }
         files = {}
         for name, write in writers.items():
             with atomic_path(directory / name) as tmp:
                 write(tmp)
             files[name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        if scratch_vectors is not None:
+            self.vectors = _load_npy(directory / "vectors.npy")
+            self._scratch.cleanup()
+            self._scratch = None
         return files
 
     @classmethod
@@ -230,22 +326,72 @@ class IndexShard:
                                      f"the manifest says {str(expected)[:12]}...; rebuild the index")
         try:
             index = faiss.read_index(str(directory / "index.faiss"))
-            vectors = np.load(directory / "vectors.npy", mmap_mode="r" if mmap_vectors else None, allow_pickle=False)
-            table = pq.read_table(directory / "passages.parquet")
+            vectors = _load_npy(directory / "vectors.npy", mmap_vectors)
+            table = pq.read_table(directory / "passages.parquet", columns=list(PASSAGE_COLUMNS)).combine_chunks()
         except Exception as exc:  # present but unreadable, and no manifest checksum caught it
             raise RagRayError(f"cannot read index shard {directory}: {exc}") from exc
         n = table.num_rows
         if index.ntotal != n or vectors.shape != (n, self.dim) or index.d != self.dim:
             raise RagRayError(f"index shard {directory} is inconsistent: {index.ntotal} indexed vectors "
                              f"(dim {index.d}), stored vectors {vectors.shape}, {n} passages; expected dim {self.dim}")
-        self.index, self.vectors, self._pending = index, vectors, []
-        self.passage_ids = table.column("passage_id").to_pylist()
-        self.doc_ids = table.column("doc_id").to_pylist()
-        self.titles = table.column("title").to_pylist()
-        self.texts = table.column("text").to_pylist()
+        self.index, self.vectors, self._spill = index, vectors, None
+        self.passages = table
         self.directory = str(directory.resolve())
         self._tune(index)
         return n
+
+
+class _Spill:
+    """Rows waiting for finalize, on local disk: vectors appended raw (fp32, or fp16 for lossy
+    indexes), passages as Parquet row groups. Removed by ``cleanup`` (or when garbage-collected)."""
+
+    def __init__(self, dim: int, parent: str | None, dtype=np.float32) -> None:
+        self.dim, self.rows, self.dtype = dim, 0, np.dtype(dtype)
+        self.dir = tempfile.TemporaryDirectory(prefix="rag_ray_spill_", dir=parent)
+        self.vector_path = Path(self.dir.name) / "vectors.bin"
+        self.passage_path = Path(self.dir.name) / "passages.parquet"
+        self._vectors = open(self.vector_path, "wb")
+        self._writer = None
+
+    def append(self, table, vectors: np.ndarray) -> int:
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.passage_path, table.schema)
+        self._writer.write_table(table)
+        self._vectors.write(np.ascontiguousarray(vectors, dtype=self.dtype).tobytes())
+        self.rows += len(vectors)
+        return self.rows
+
+    def close(self):
+        """(passages table, memory-mapped [rows, dim] vectors) in arrival order."""
+        import pyarrow.parquet as pq
+
+        self._vectors.close()
+        self._writer.close()
+        table = pq.read_table(self.passage_path)
+        vectors = np.memmap(self.vector_path, dtype=self.dtype, mode="r", shape=(self.rows, self.dim))
+        return table, vectors
+
+    def cleanup(self) -> None:
+        self.dir.cleanup()
+
+
+def _empty_passages():
+    import pyarrow as pa
+
+    return pa.table({name: pa.array([], pa.string()) for name in PASSAGE_COLUMNS})
+
+
+def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    """Stored vectors, memory-mapped (pages load on demand and are shared with the page cache);
+    an empty array is read plainly, since numpy cannot map it."""
+    if mmap:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError:  # "cannot mmap an empty file"
+            pass
+    return np.load(path, allow_pickle=False)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

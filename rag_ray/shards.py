@@ -61,9 +61,17 @@ class ServedShard(IndexShard):
         self._check_loaded()
         return super().search(queries, k)
 
-    def fetch(self, rows):
+    def search_payload(self, queries, k, vectors=True):
         self._check_loaded()
-        return super().fetch(rows)
+        return super().search_payload(queries, k, vectors)
+
+    def fetch(self, rows, vectors=True):
+        self._check_loaded()
+        return super().fetch(rows, vectors)
+
+    def tune(self, nprobe=None, ef_search=None, refine=None):
+        self._check_loaded()
+        return super().tune(nprobe, ef_search, refine)
 
     def stats(self) -> dict:
         self._check_loaded()
@@ -91,6 +99,35 @@ def spread_placement(n: int, num_cpus: float, name: str | None = None, detached:
     options = [{"num_cpus": num_cpus, "memory": bundle.get("memory", 0),
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(group, i)} for i in range(n)]
     return group, options
+
+
+def shard_threads(group, num_cpus: float = 0.0) -> list[int]:
+    """FAISS threads per shard of a placement group: the CPUs a shard reserved, or else its node's
+    CPUs divided by the shards on that node (at least 1).
+
+    Shards hold no CPUs (so they never block embedding or training), which makes Ray start them
+    with OMP_NUM_THREADS=1: one shard alone on a node would scan with one core and leave the rest
+    idle. Dividing the node between its shards uses every core without oversubscribing it.
+    """
+    if num_cpus > 0:
+        return [max(1, int(num_cpus))] * group.bundle_count
+    nodes, cpus = bundle_nodes(group), node_cpus()
+    return [max(1, int(cpus.get(node, 1) // nodes.count(node))) for node in nodes]
+
+
+def bundle_nodes(group) -> list[str | None]:
+    """The node id each bundle of a (ready) placement group sits on."""
+    from ray.util.placement_group import placement_group_table
+
+    where = placement_group_table(group).get("bundles_to_node_id", {})
+    return [where.get(i) for i in range(group.bundle_count)]
+
+
+def node_cpus() -> dict[str, float]:
+    """Logical CPUs per live node, as Ray reports them."""
+    import ray
+
+    return {node["NodeID"]: node["Resources"].get("CPU", 1) for node in ray.nodes() if node.get("Alive")}
 
 
 class ShardSet:
@@ -129,14 +166,15 @@ class ShardSet:
         if stale is not None:
             ray.util.remove_placement_group(stale)
         group, placement = spread_placement(manifest.shard_count, num_cpus, group_name, detached)
+        threads = shard_threads(group, num_cpus)
         actor = shard_actor_class(ServedShard)
         actors = [
             actor.options(name=actor_name(name, version, i), namespace=NAMESPACE, get_if_exists=True,
                           lifetime="detached" if detached else None, max_restarts=max_restarts,
                           max_task_retries=-1, **opts).remote(
                 manifest.encoder.dim, manifest.index_type, restore_from=str(directory / info.directory),
-                files=info.files, **manifest.index_params)
-            for i, (info, opts) in enumerate(zip(manifest.shards, placement))
+                files=info.files, threads=t, **manifest.index_params)
+            for i, (info, opts, t) in enumerate(zip(manifest.shards, placement, threads))
         ]
         shard_set = cls(directory, manifest, actors, owned=True)
         try:

@@ -87,7 +87,7 @@ class SearchResult:
     """
 
     hits: list[list[Hit]]
-    vectors: np.ndarray  # [B, k, D] float32
+    vectors: np.ndarray | None  # [B, k, D] float32; None when the search was asked for hits only
 
     def __len__(self) -> int:
         return len(self.hits)

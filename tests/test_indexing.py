@@ -12,6 +12,7 @@ import pytest
 from conftest import TOY_QUESTIONS, start_local_ray
 from rag_ray.cli import main
 from rag_ray.config import IndexConfig, load_config
+from rag_ray.errors import RagRayError
 from rag_ray.indexing import build_index
 from rag_ray.manifest import resolve_index
 from rag_ray.retriever import Retriever
@@ -184,3 +185,20 @@ def test_embedding_pool_is_sized_from_the_cluster_unless_the_config_says():
     fixed = load_config(IndexConfig, overrides={"corpus": ["x"], "embedders": 1, "embedder_cpus": 2,
                                                 "torch_threads": 2})
     assert embedding_resources(fixed, {"CPU": 16.0}) == (1, 2.0, 0.0, 2)
+
+
+def test_embedding_precision_auto_is_bf16_exactly_where_the_cpu_has_it():
+    import sys
+
+    import torch
+
+    from rag_ray.encoders import bf16_is_native, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if bf16_is_native(cpu) else "fp32")
+    if sys.platform == "linux":  # an independent reading of the same hardware fact
+        flags = open("/proc/cpuinfo").read().split()
+        assert bf16_is_native(cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    with pytest.raises(RagRayError, match="precision must be auto, fp32 or bf16"):
+        resolve_precision("fp8", cpu)

@@ -154,3 +154,29 @@ def test_corrupt_shard_is_refused_with_the_file_named(ray_local, vector_index):
     with pytest.raises(RagRayError, match=r"index file corrupted: .*shard-00002/vectors.npy"):
         ShardSet.start(root)
     assert running_shards("vecs") == []  # nothing left behind
+
+
+def test_shards_split_the_node_cpus_and_one_or_two_rounds_agree(ray_local, vector_index, monkeypatch):
+    """Shards hold no CPUs, so Ray would run each with one OpenMP thread: ShardSet gives each
+    shard the node's CPUs divided by the shards on it (4 logical CPUs / 3 shards -> 1; a single
+    shard gets all 4). A search returns the same whether it takes one round trip or two."""
+    import rag_ray.retriever as retriever_module
+    from rag_ray.shards import shard_threads, spread_placement
+
+    root, ids = vector_index
+    shards = ShardSet.start(root)
+    try:
+        assert [s["threads"] for s in shards.retriever().stats()] == [1, 1, 1]
+        group, _ = spread_placement(1, 0.0)
+        assert shard_threads(group) == [4]
+        ray.util.remove_placement_group(group)
+        client = shards.retriever()
+        expected, _ = exact_topk(VECTORS, QUERIES, ids, 10)
+        for rows in (0, 10**9):  # two rounds (scores, then the winners' payload); one round
+            monkeypatch.setattr(retriever_module, "ONE_ROUND_ROWS", rows)
+            res = client.search(QUERIES, 10)
+            assert _ids(res) == expected and res.vectors.shape == (len(QUERIES), 10, 16)
+            hits_only = client.search(QUERIES, 10, vectors=False)
+            assert _ids(hits_only) == expected and hits_only.vectors is None
+    finally:
+        shards.retire()

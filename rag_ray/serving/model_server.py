@@ -43,7 +43,7 @@ class RagModelServer:
         t0 = time.perf_counter()
         vectors = await asyncio.to_thread(self.pipeline.embed, questions)
         t1 = time.perf_counter()
-        result = await retriever.search_async(vectors, k)
+        result = await retriever.search_async(vectors, k, vectors=False)
         t2 = time.perf_counter()
         return {"index_version": version, "hits": [[h.__dict__ for h in hits] for hits in result.hits],
                 "timings_ms": {"embed": _ms(t1 - t0), "search": _ms(t2 - t1)}}
