@@ -3,9 +3,12 @@
 Both sides embed the same passages with the same EmbedPassages stage, batch size and torch
 threads; the baseline also builds the same FAISS Flat index, so the ratio is end to end:
 
-    python bench/bench_embed.py --corpus squad-open --threads 2 [--docs 1000] [--bf16]
+    python bench/bench_embed.py --corpus squad-open --threads 2 [--docs 1000] [--precision auto] [--bf16]
 
-``--bf16`` also measures bf16 autocast speed and its recall cost on the dev questions.
+Both sides use the same precision (``auto``: bf16 where the CPU has it, as the build does). The
+plain side is timed stage by stage (read + split, load, embed, shard build, write); the Ray side
+reports its stream (read -> embed -> route -> spill), finalize and save phases, and Ray Data's
+per-operator stats. ``--bf16`` also measures fp32 vs bf16 speed and the recall cost on dev.
 """
 
 from __future__ import annotations
@@ -41,39 +44,77 @@ def passages_for(corpus: str, docs: int | None):
     return path, read_passages(path)
 
 
-def plain(passages, encoder_cfg, threads: int, batch_rows: int):
+def plain(path: str, encoder_cfg, threads: int, batch_rows: int, shards: int = 0):
+    """The baseline: what a plain script does, stage by stage. Read and split, load the encoder,
+    embed; with ``shards``, also the same IndexShard build and write as the Ray side (rows routed
+    by the same ``shard_of``), else one faiss.IndexFlatIP."""
     import faiss
 
-    from rag_ray.indexing import EmbedPassages
+    from rag_ray.corpus import read_passages
+    from rag_ray.indexing import EmbedPassages, shard_of
+    from rag_ray.shard import IndexShard
 
+    t = {}
     start = time.perf_counter()
+    passages = read_passages(path)
+    t["read_split_s"] = time.perf_counter() - start
+    t0 = time.perf_counter()
     stage = EmbedPassages(encoder_cfg, torch_threads=threads)
-    loaded = time.perf_counter()
+    t["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     vectors = []
     for i in range(0, len(passages), batch_rows):
         rows = passages[i : i + batch_rows]
         batch = {"title": np.array([p.title for p in rows], dtype=object), "text": np.array([p.text for p in rows], dtype=object)}
         vectors.append(stage(batch)["vector"])
     vecs = np.concatenate(vectors).astype(np.float32)
-    embedded = time.perf_counter()
-    index = faiss.IndexFlatIP(vecs.shape[1])
-    index.add(vecs)
-    end = time.perf_counter()
-    return {"seconds": end - start, "load_s": loaded - start, "embed_s": embedded - loaded,
-            "passages_per_s": len(passages) / (end - start), "embed_passages_per_s": len(passages) / (embedded - loaded),
-            "peak_rss_mb": rss_mb()}, vecs, stage.encoder
+    t["embed_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if shards:
+        parts = [IndexShard(vecs.shape[1]) for _ in range(shards)]
+        owner = np.array([shard_of(p.passage_id, shards) for p in passages])
+        for s, part in enumerate(parts):
+            idx = np.nonzero(owner == s)[0]
+            part.add([passages[i].passage_id for i in idx], [passages[i].doc_id for i in idx],
+                     [passages[i].title for i in idx], [passages[i].text for i in idx], vecs[idx])
+            part.finalize()
+        t["index_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = tempfile.mkdtemp(prefix="bench_plain_")
+        for s, part in enumerate(parts):
+            part.save(os.path.join(out, f"shard-{s:05d}"))
+        t["write_s"] = time.perf_counter() - t0
+    else:
+        index = faiss.IndexFlatIP(vecs.shape[1])
+        index.add(vecs)
+        t["index_s"] = time.perf_counter() - t0
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, **t, "passages_per_s": len(passages) / seconds,
+            "embed_passages_per_s": len(passages) / t["embed_s"], "peak_rss_mb": rss_mb(),
+            "precision": stage.precision}, vecs, stage.encoder
 
 
-def ray_pipeline(path: str, n_passages: int, threads: int, shards: int):
+def ray_pipeline(path: str, n_passages: int, threads: int | None, shards: int, precision: str, embedders: int | None):
+    import logging
+
     from rag_ray.config import IndexConfig, load_config
-    from rag_ray.indexing import build_index
+    from rag_ray.indexing import build_index, embedding_resources
     from rag_ray.retriever import Retriever
     from rag_ray.runtime import init_ray
 
+    import ray
+
     init_ray(num_cpus=max(2, os.cpu_count() or 2))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("rag_ray.indexing").setLevel(logging.DEBUG)  # Ray Data's per-stage stats
     out = tempfile.mkdtemp(prefix="bench_idx_")
-    cfg = load_config(IndexConfig, overrides={"corpus": [path], "out": out, "shards": shards, "overwrite": True,
-                                              "torch_threads": threads, "embedders": 1})
+    overrides = {"corpus": [path], "out": out, "shards": shards, "overwrite": True, "encoder.precision": precision}
+    if threads:
+        overrides["torch_threads"] = threads
+    if embedders:
+        overrides["embedders"] = embedders
+    cfg = load_config(IndexConfig, overrides=overrides)
+    pool = embedding_resources(cfg, ray.cluster_resources())
     with RaySampler() as build_mem:
         start = time.perf_counter()
         manifest = build_index(cfg)
@@ -85,7 +126,9 @@ def ray_pipeline(path: str, n_passages: int, threads: int, shards: int):
         load_s = time.perf_counter() - t0
     shard_rss = [s["max_rss_mb"] for s in retriever.stats()]
     retriever.shutdown()
-    return {"seconds": seconds, "passages_per_s": n_passages / seconds,
+    return {"seconds": seconds, "passages_per_s": n_passages / seconds, "pool": pool,
+            "stream_s": manifest.corpus["embed_seconds"], "finalize_s": manifest.corpus.get("finalize_seconds"),
+            "save_s": manifest.corpus.get("save_seconds"),
             "build_peak_total_rss_mb": build_mem.peak_total, "build_peak_single_worker_rss_mb": build_mem.peak_single,
             "load_seconds": load_s, "load_peak_total_rss_mb": load_mem.peak_total, "shard_max_rss_mb": shard_rss,
             "index_dir": out}
@@ -113,29 +156,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="squad-open")
     parser.add_argument("--docs", type=int, help="first N documents only")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain process")
+    parser.add_argument("--ray-threads", type=int, help="torch threads per embedding actor (default: sized by the build)")
+    parser.add_argument("--embedders", type=int, help="embedding actors (default: sized by the build)")
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--bf16", action="store_true", help="also measure fp32 vs bf16 speed and recall")
     parser.add_argument("--dev", default="squad-open:dev")
     args = parser.parse_args()
 
     from rag_ray.config import EncoderConfig
 
     path, passages = passages_for(args.corpus, args.docs)
-    print(f"{len(passages)} passages from {path}; threads={args.threads}", flush=True)
-    base, vecs, encoder = plain(passages, EncoderConfig(), args.threads, batch_rows=256)
+    print(f"{len(passages)} passages from {path}; threads={args.threads}; precision={args.precision}", flush=True)
+    base, vecs, encoder = plain(path, EncoderConfig(precision=args.precision), args.threads, batch_rows=256,
+                                shards=args.shards)
     print(f"plain process: {base['passages_per_s']:.1f} passages/s end to end "
-          f"({base['embed_passages_per_s']:.1f}/s embedding only), peak RSS {base['peak_rss_mb']:.0f} MiB", flush=True)
-    ray_res = ray_pipeline(path, len(passages), args.threads, args.shards)
+          f"({base['embed_passages_per_s']:.1f}/s embedding only, {base['precision']}); stages "
+          + ", ".join(f"{k} {v:.1f}" for k, v in base.items() if k.endswith("_s")), flush=True)
+    ray_res = ray_pipeline(path, len(passages), args.ray_threads, args.shards, args.precision, args.embedders)
     ratio = ray_res["passages_per_s"] / base["passages_per_s"]
     print(f"ray data pipeline: {ray_res['passages_per_s']:.1f} passages/s end to end -> ratio {ratio:.2f}; "
-          f"build peak RSS {ray_res['build_peak_total_rss_mb']:.0f} MiB total, load {ray_res['load_seconds']:.1f} s", flush=True)
+          f"pool {ray_res['pool']}; stream {ray_res['stream_s']} s, finalize {ray_res['finalize_s']} s, "
+          f"save {ray_res['save_s']} s; build peak RSS {ray_res['build_peak_total_rss_mb']:.0f} MiB total, "
+          f"load {ray_res['load_seconds']:.1f} s", flush=True)
     result = {"bench": "embed", "passages": len(passages), "threads": args.threads, "plain": base, "ray": ray_res,
               "ratio_ray_over_plain": ratio}
     if args.bf16:
-        bf, vecs16, _ = plain(passages, EncoderConfig(precision="bf16"), args.threads, batch_rows=256)
-        result["bf16"] = {**bf, "speedup_embed": bf["embed_passages_per_s"] / base["embed_passages_per_s"],
-                          **recall_cost(vecs, vecs16, encoder, passages, args.dev)}
+        fp, vecs32, _ = plain(path, EncoderConfig(precision="fp32"), args.threads, batch_rows=256)
+        bf, vecs16, _ = plain(path, EncoderConfig(precision="bf16"), args.threads, batch_rows=256)
+        result["bf16"] = {**bf, "speedup_embed": bf["embed_passages_per_s"] / fp["embed_passages_per_s"],
+                          **recall_cost(vecs32, vecs16, encoder, passages, args.dev)}
         print(f"bf16 autocast: {result['bf16']['speedup_embed']:.2f}x embedding speed; recall "
               + ", ".join(f"{k}={v:.3f}" for k, v in result["bf16"].items() if "recall" in k), flush=True)
     emit(result)

@@ -3,7 +3,7 @@ own Ray Data path (write_index: route -> spill -> finalize one shard per node at
 minus the embedding stage: vectors come from a seeded generator with cluster structure, since
 embedding 10M passages on 2 cores would take days.
 
-    python bench/bench_scale.py --n 10000000 --shards 4 --nlist 2048 --queries 1000 --nprobe 8 16 32 64
+    python bench/bench_scale.py --n 10000000 --shards 4 --nlist 2048 --queries 1000 --nprobe 8 16 32 --refine 4 16 64
 
 Reports build time, peak memory (the largest Ray worker, summed Ray processes, each shard's max
 RSS), size on disk, search latency at batch 1/16/64 against exact search (the baseline, chunked
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--refine", type=int, nargs="+", default=[4, 16, 64],
+                        help="PQ candidates re-ranked on the stored vectors, as a multiple of k")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", help="index root (default: a temporary directory, removed at the end)")
@@ -124,10 +126,12 @@ def main() -> None:
         result.update(build_s=build_s, stream_s=manifest.corpus["stream_seconds"], passages=manifest.passage_count,
                       shard_build_max_rss_mb=manifest.corpus.get("shard_max_rss_mb"),
                       build_peak_single_worker_rss_mb=mem.peak_single, build_peak_total_rss_mb=mem.peak_total,
+                      build_peak_single_worker_anon_mb=mem.peak_single_anon,
                       disk_bytes=disk, disk_per_shard={s.directory: {f: v["bytes"] for f, v in s.files.items()}
                                                        for s in manifest.shards})
         print(f"built {manifest.passage_count:,} passages in {build_s / 60:.1f} min (stream {result['stream_s']} s); "
-              f"largest worker {mem.peak_single:,.0f} MiB, all Ray {mem.peak_total:,.0f} MiB; shard max RSS "
+              f"largest worker {mem.peak_single:,.0f} MiB ({mem.peak_single_anon:,.0f} MiB not file-backed), "
+              f"all Ray {mem.peak_total:,.0f} MiB; shard max RSS "
               f"{manifest.corpus.get('shard_max_rss_mb')} MiB; {disk / 2**30:.2f} GiB on disk", flush=True)
 
         t0 = time.perf_counter()
@@ -141,9 +145,9 @@ def main() -> None:
         truth, exact_s = exact_topk(gen, args.n, queries, args.k)
         result["exact_ms_per_query"] = exact_s / args.queries * 1e3
         truth_ids = [{f"p{i:09d}" for i in row} for row in truth]
-        result["nprobe"] = {}
-        for nprobe in args.nprobe:
-            ray.get([a.tune.remote(nprobe=nprobe) for a in shard_set.actors])
+        result["search"] = {}
+        for nprobe, refine in [(p, r) for r in args.refine for p in args.nprobe]:
+            ray.get([a.tune.remote(nprobe=nprobe, refine=refine) for a in shard_set.actors])
             found = []
             for i in range(0, args.queries, 64):
                 res = retriever.search(queries[i : i + 64], args.k, vectors=False)
@@ -159,8 +163,8 @@ def main() -> None:
                     retriever.search(queries[start : start + b], args.k)
                     times.append(time.perf_counter() - t1)
                 latency[b] = statistics.median(times) * 1e3
-            result["nprobe"][nprobe] = {"recall@10": recall, "latency_ms": latency}
-            print(f"nprobe {nprobe}: recall@{args.k} {recall:.3f}; latency " + ", ".join(
+            result["search"][f"nprobe={nprobe},refine={refine}"] = {"recall@10": recall, "latency_ms": latency}
+            print(f"nprobe {nprobe}, refine {refine}: recall@{args.k} {recall:.3f}; latency " + ", ".join(
                 f"batch {b}: {ms:.1f} ms" for b, ms in latency.items())
                 + f" (exact: {result['exact_ms_per_query']:.1f} ms per query in batches of {args.queries})", flush=True)
         result["serving_shard_max_rss_mb"] = [s["max_rss_mb"] for s in retriever.stats()]

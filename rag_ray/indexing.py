@@ -184,9 +184,13 @@ def write_index(ds, cfg: IndexConfig, encoder: EncoderInfo, describe: Callable[[
                 log.info("indexed %d passages (%.1f passages/s)", total, total / max(now, 1e-9))
                 last_log = now
         elapsed = time.perf_counter() - start
+        log.debug("Ray Data stages:\n%s", ds.stats())
         corpus = describe(total, elapsed)
+        t0 = time.perf_counter()
         counts = _finalize(shards, bundle_nodes(group), node_cpus())
+        corpus["finalize_seconds"] = round(time.perf_counter() - t0, 2)
         corpus["shard_max_rss_mb"] = [round(st["max_rss_mb"]) for st in ray.get([s.stats.remote() for s in shards])]
+        t0 = time.perf_counter()
         version = next_version(root)
         with atomic_dir(root / version) as tmp:
             files = ray.get([s.save.remote(str(tmp / f"shard-{i:05d}")) for i, s in enumerate(shards)])
@@ -195,6 +199,7 @@ def write_index(ds, cfg: IndexConfig, encoder: EncoderInfo, describe: Callable[[
                 shards=[ShardInfo(f"shard-{i:05d}", int(n), f) for i, (n, f) in enumerate(zip(counts, files))],
                 passage_count=int(sum(counts)), corpus=corpus,
             )
+            corpus["save_seconds"] = round(time.perf_counter() - t0, 2)
             manifest.write(tmp)
         set_current(root, version)
         log.info("wrote %s/%s: %d passages in %d shards (%.1f passages/s)", root, version, total, cfg.shards,

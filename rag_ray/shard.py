@@ -54,7 +54,7 @@ class IndexShard:
     """
 
     def __init__(self, dim: int, index_type: IndexType = "flat", hnsw_m: int = 32, ef_search: int = 128,
-                 ivf_nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, refine: int = 4,
+                 ivf_nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, refine: int = 64,
                  seed: int = 0, threads: int | None = None, spill_dir: str | None = None,
                  restore_from: str | os.PathLike | None = None, files: dict[str, dict] | None = None) -> None:
         if index_type not in INDEX_TYPES:
