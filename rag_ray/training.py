@@ -46,12 +46,19 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
     from rag_ray.model import RagModel
 
     m = cfg.model
-    common = {"mode": m.mode, "n_docs": m.n_docs, "label_smoothing": m.label_smoothing}
+    common = {"mode": m.mode, "n_docs": m.n_docs, "label_smoothing": m.label_smoothing,
+              "learn_doc_score_scale": m.learn_doc_score_scale}
     if m.init_from is not None:
         model = RagModel.from_pretrained(m.init_from, device=device)
         model.config = replace(model.config, **common)
+        if m.doc_score_scale is not None:
+            model.set_doc_score_scale(m.doc_score_scale)
     else:
-        model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device, **common)
+        scale = {} if m.doc_score_scale is None else {"doc_score_scale": m.doc_score_scale}
+        model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device,
+                                         **common, **scale)
+    # only retrieval in the loss gives the scale a gradient
+    model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and cfg.retrieves_in_training)
     if m.max_source_length is not None:
         model.generator.max_source_length = m.max_source_length
     if m.max_target_length is not None:
@@ -63,8 +70,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
 
 def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with a smaller learning rate for the query encoder (it starts well trained), an
-    optionally larger one for the copy head (new weights), and linear warm-up then linear decay
-    to zero at ``max_steps``."""
+    optionally larger one for the copy head (new weights), the scale on q·d in a group of its
+    own without weight decay (decay would pull its log towards 0, i.e. scale 1), and linear
+    warm-up then linear decay to zero at ``max_steps``."""
     o = cfg.optim
     head = [p for p in model.generator.model.head_parameters() if p.requires_grad] if model.generator.copy_head else []
     head_ids = {id(p) for p in head}
@@ -75,6 +83,8 @@ def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Opti
     q_params = [p for p in model.query_encoder.parameters() if p.requires_grad]
     if q_params:
         groups.append({"params": q_params, "lr": o.lr if o.query_encoder_lr is None else o.query_encoder_lr})
+    if model.log_doc_score_scale.requires_grad:
+        groups.append({"params": [model.log_doc_score_scale], "lr": o.lr, "weight_decay": 0.0})
     # fused AdamW: one kernel over all parameters (CPU and CUDA), measured 5.6% of a CPU step unfused
     optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=True)
 
@@ -276,7 +286,8 @@ def save_checkpoint(directory: str, state: TrainState, metrics: dict, metadata: 
 
 def load_checkpoint(directory: str, cfg: TrainConfig, device: torch.device):
     """(model, optimizer, scheduler, step) from a checkpoint folder; tensors only (weights_only)."""
-    saved = replace(cfg, model=replace(cfg.model, init_from=str(Path(directory) / MODEL_DIR)))
+    # the checkpoint's own (learned) scale, not the configured starting value
+    saved = replace(cfg, model=replace(cfg.model, init_from=str(Path(directory) / MODEL_DIR), doc_score_scale=None))
     model = build_model(saved, device)
     optimizer, scheduler = build_optimizer(model, cfg)
     state = torch.load(Path(directory) / TRAIN_STATE, map_location=device, weights_only=True)

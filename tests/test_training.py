@@ -67,6 +67,10 @@ def test_two_workers_lower_the_loss_write_a_checkpoint_and_resume(setup, trained
     before = _mean_loss(root / "init_model", root, questions)
     after = _mean_loss(report["model"], root, questions)
     assert after < 0.7 * before, (before, after)
+    # the scale on q·d is trained with the rest: it left its starting value and was saved
+    init_scale = RagModel.from_pretrained(root / "init_model", device="cpu").doc_score_scale
+    assert init_scale == pytest.approx(20.0)
+    assert abs(RagModel.from_pretrained(report["model"], device="cpu").doc_score_scale - init_scale) > 1e-3
 
     # Retrieval inside training is the Retriever client's: same passages for the first batch.
     logged = m["retrieval_log"][0]
@@ -101,13 +105,18 @@ def test_optimizer_groups_state_their_learning_rates(setup):
     cfg = _cfg(root, questions, "groups", {"optim.lr": 2e-4, "optim.query_encoder_lr": 1e-5})
     model = build_model(cfg, torch.device("cpu"))
     optimizer, _ = build_optimizer(model, cfg)
-    # generator, copy head (copy_head_lr None: optim.lr), query encoder
-    assert [g["initial_lr"] for g in optimizer.param_groups] == [2e-4, 2e-4, 1e-5]
+    # generator, copy head (copy_head_lr None: optim.lr), query encoder, scale on q·d
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [2e-4, 2e-4, 1e-5, 2e-4]
     head = {id(p) for p in model.generator.model.head_parameters()}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == head
-    cfg = _cfg(root, questions, "groups", {"optim.copy_head_lr": 3e-3, "model.freeze_query_encoder": True})
-    optimizer, _ = build_optimizer(build_model(cfg, torch.device("cpu")), cfg)
-    assert [g["initial_lr"] for g in optimizer.param_groups] == [3e-3, 3e-3]  # no query-encoder group
+    assert optimizer.param_groups[3]["params"] == [model.log_doc_score_scale]
+    assert optimizer.param_groups[3]["weight_decay"] == 0.0 and optimizer.param_groups[0]["weight_decay"] > 0
+    cfg = _cfg(root, questions, "groups", {"optim.copy_head_lr": 3e-3, "model.freeze_query_encoder": True,
+                                           "model.learn_doc_score_scale": False, "model.doc_score_scale": 7.0})
+    model = build_model(cfg, torch.device("cpu"))
+    optimizer, _ = build_optimizer(model, cfg)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [3e-3, 3e-3]  # no query-encoder or scale group
+    assert model.doc_score_scale == pytest.approx(7.0)  # an explicit scale overrides init_from's
 
 
 def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
