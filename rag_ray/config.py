@@ -213,6 +213,8 @@ class TrainEval:
     decoding: str | None = None
     num_beams: int = 1
     max_new_tokens: int = 16
+    #: answers found in a retrieved passage are scored as written there (RagPipeline's span recovery)
+    span_recovery: bool = True
 
     def validate(self) -> list[str]:
         return _at_least(1, self, "every", "num_beams", "max_new_tokens") + _at_least(0, self, "questions")
@@ -357,6 +359,8 @@ class ServeConfig:
     api_key_file: str | None = None
     allow_no_api_key: bool = False
     n_docs: int | None = None
+    #: answers found in a retrieved passage are returned as written there (RagPipeline's span recovery)
+    span_recovery: bool = True
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.02
     max_ongoing_requests: int = 16
@@ -402,6 +406,8 @@ class EvalConfig:
     decoding: str | None = None
     num_beams: int = 1
     max_new_tokens: int = 16
+    #: answers found in a retrieved passage are scored as written there (RagPipeline's span recovery)
+    span_recovery: bool = True
     retrieval: bool = False
     report: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)

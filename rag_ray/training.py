@@ -380,7 +380,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and dev_rows and evaluate:
                 metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
                                            mode=cfg.model.mode, n_docs=cfg.model.n_docs, decoding=cfg.eval.decoding,
-                                           num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens))
+                                           num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
+                                           span_recovery=cfg.eval.span_recovery))
                 print(f"[rag_ray.train] eval at step {state.step}: "
                       f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_')} }", flush=True)
             if retrieval_log:
