@@ -270,6 +270,7 @@ class TrainConfig:
     log_every: int = 10
     #: retrieve batch t+1 on a thread while batch t computes
     prefetch: bool = True
+    #: True: the training rows reshuffled globally every epoch (reproducible from ``seed``);
     #: False: file order (benchmarks feed identical batches)
     shuffle: bool = True
     #: record the first batches' retrieved passage ids in the metrics (tests compare them)

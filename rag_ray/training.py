@@ -255,21 +255,37 @@ def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
     return out, len(rows) - len(out)
 
 
-def cycle_batches(shard, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[dict]:
-    """Endless batches from this worker's dataset shard, reshuffled locally each epoch (or in
-    file order with ``shuffle=False``, which benchmarks use to feed identical batches)."""
-    epoch = 0
+def train_dataset(rows: list[dict], cfg: TrainConfig):
+    """The training rows as a Ray Dataset. ``cfg.shuffle``: reshuffled globally at every epoch
+    (each pass over the dataset is a new execution with a new seed derived from ``cfg.seed``), so
+    a batch mixes articles although question files are sorted by article: a local shuffle buffer
+    only mixes neighbouring rows, i.e. one or two articles. ``shuffle: false``: file order, which
+    benchmarks use to feed identical batches."""
+    import ray.data
+
+    # A few blocks, not Ray Data's default hundreds: the rows are small and already in memory,
+    # and on a small machine per-block tasks compete with training for the same cores.
+    ds = ray.data.from_items(rows, override_num_blocks=max(4, 2 * cfg.scaling.num_workers))
+    if not cfg.shuffle:
+        return ds
+    try:
+        from ray.data import RandomSeedConfig
+    except ImportError:  # an older Ray: a new order every epoch, but not reproducible from the seed
+        return ds.random_shuffle()
+    return ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+
+
+def cycle_batches(shard, batch_size: int) -> Iterator[dict]:
+    """Endless batches from this worker's dataset shard, epoch after epoch (each epoch in the
+    order ``train_dataset`` gives it: globally reshuffled, or file order)."""
     while True:
         n = 0
-        shuffling = {"local_shuffle_buffer_size": max(4 * batch_size, 256), "local_shuffle_seed": seed + epoch}
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
-                                        **(shuffling if shuffle else {})):
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
             n += 1
             yield batch
         if n == 0:
             raise RagRayError(f"a worker's share of the training set is smaller than one batch of {batch_size}; "
                               "use fewer scaling.num_workers, a smaller optim.batch_size or more data")
-        epoch += 1
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -347,8 +363,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     state = _setup_worker(cfg)
-    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size,
-                            cfg.seed + state.step + 1000 * rank, cfg.shuffle)
+    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size)
     prefetch = Prefetcher(state.model, retriever if cfg.retrieves_in_training else None, cfg.model.n_docs,
                           cfg.prefetch)
     retrieval_log: list[dict] = []
@@ -488,9 +503,7 @@ def run_training(cfg: TrainConfig) -> dict:
         run_config=RunConfig(name=ckpt.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=ckpt.num_to_keep),
                              failure_config=FailureConfig(max_failures=ckpt.max_failures)),
-        # A few blocks, not Ray Data's default hundreds: the rows are small and already in memory,
-        # and on a small machine per-block tasks compete with training for the same cores.
-        datasets={"train": ray.data.from_items(train, override_num_blocks=max(4, 2 * scaling.num_workers))},
+        datasets={"train": train_dataset(train, cfg)},
     )
     start = time.perf_counter()
     try:

@@ -237,3 +237,32 @@ def test_reader_warm_up_learns_to_read_gold_passages(setup, toy_corpus):
     for a, b in zip(init.query_encoder.parameters(), trained.query_encoder.parameters()):
         assert torch.equal(a, b)
 
+
+
+def test_shuffle_mixes_articles_in_every_batch_and_reshuffles_each_epoch(ray_local):
+    """Question files are sorted by article; a shuffled epoch must not be a run of one article's
+    questions. The dataset goes through Ray Data's streaming split, as get_dataset_shard's does."""
+    from rag_ray.training import cycle_batches, train_dataset
+
+    rows = [{"question": f"q{a}-{i}", "answer": "x", "doc_id": f"article{a:02d}"} for a in range(40) for i in range(25)]
+    per_epoch, batch_size = len(rows) // 8, 8
+
+    def epochs(shuffle: bool, n: int = 2) -> list[list[dict]]:
+        cfg = load_config(TrainConfig, overrides={"shuffle": shuffle, "seed": 3, "optim.batch_size": batch_size})
+        batches = cycle_batches(train_dataset(rows, cfg).streaming_split(1, equal=True)[0], batch_size)
+        return [[next(batches) for _ in range(per_epoch)] for _ in range(n)]
+
+    def distinct_articles(batches) -> list[int]:
+        return [len(set(b["doc_id"].tolist())) for b in batches[:20]]
+
+    file_order = epochs(False, n=1)[0]
+    assert [q for b in file_order for q in b["question"].tolist()] == [r["question"] for r in rows]
+    assert max(distinct_articles(file_order)) <= 2  # 25 questions per article: a batch spans at most two
+
+    first, second = epochs(True)
+    # 8 draws from 40 articles: about 7.3 distinct on average when the order is uniformly random
+    assert sum(distinct_articles(first)) / 20 >= 6, distinct_articles(first)
+    for epoch in (first, second):  # every row once per epoch
+        assert sorted(q for b in epoch for q in b["question"].tolist()) == sorted(r["question"] for r in rows)
+    order = [[q for b in epoch for q in b["question"].tolist()] for epoch in (first, second)]
+    assert order[0] != order[1]  # a new order each epoch
