@@ -171,7 +171,7 @@ def cmd_eval_qa(args) -> int:
     report = run_eval(load_config(EvalConfig, overrides={
         "model": args.model, "index": args.index, "questions": args.questions, "limit": args.limit,
         "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens, **_ray_overrides(args)}))
+        "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:
@@ -182,6 +182,7 @@ def cmd_eval_qa(args) -> int:
 def cmd_ask(args) -> int:
     questions = _questions(args)
     pipeline, mode = _pipeline(args, args.mode)
+    pipeline.span_recovery = not args.no_span_recovery
     answers = pipeline.answer(questions, mode=mode, n_docs=args.n_docs, decoding=args.decoding,
                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     pipeline.close()
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--decoding", choices=DECODINGS, help="default: the mode's first (thorough / greedy)")
         p.add_argument("--num-beams", type=int, default=1)
         p.add_argument("--max-new-tokens", type=int, default=16)
+        p.add_argument("--no-span-recovery", action="store_true",
+                       help="answer with the tokenizer's decode, not the passage's own text of the answer")
         _add_common(p)
         p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)
 

@@ -26,12 +26,15 @@ from rag_ray.losses import marginalize_tokens, per_doc_log_likelihood, rag_seque
 @dataclass
 class Answer:
     """One generated answer. ``score`` is log p(answer|question) under the decoding's model;
-    ``doc_prior``/``doc_posterior`` are p(z|x) and p(z|x,answer) per retrieved passage."""
+    ``doc_prior``/``doc_posterior`` are p(z|x) and p(z|x,answer) per retrieved passage;
+    ``token_ids`` the generated sequence (start and end tokens included), which span recovery
+    looks up in the passages; ``text`` its decode."""
 
     text: str
     score: float
     doc_posterior: list[float] = field(default_factory=list)
     doc_prior: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
 
 class _RagTokenDecoder(PreTrainedModel, GenerationMixin):
@@ -124,8 +127,8 @@ def decode_token(
     prior = doc_scores.log_softmax(1)
     post = (prior + per_doc_log_likelihood(logits, seqs, k, gen.pad_token_id)).softmax(1)
     return [
-        Answer(text, float(s), p.tolist(), pr.tolist())
-        for text, s, p, pr in zip(gen.decode(seqs), marginal, post, prior.exp())
+        Answer(text, float(s), p.tolist(), pr.tolist(), ids.tolist())
+        for text, s, p, pr, ids in zip(gen.decode(seqs), marginal, post, prior.exp(), seqs)
     ]
 
 
@@ -136,7 +139,7 @@ def decode_closed_book(
     seqs = gen.model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False)
     logits = gen(inputs["input_ids"], inputs["attention_mask"], seqs)
     ll = per_doc_log_likelihood(logits, seqs, 1, gen.pad_token_id)[:, 0]
-    return [Answer(text, float(s)) for text, s in zip(gen.decode(seqs), ll)]
+    return [Answer(text, float(s), token_ids=ids.tolist()) for text, s, ids in zip(gen.decode(seqs), ll, seqs)]
 
 
 def decode_sequence_thorough(
@@ -170,7 +173,7 @@ def decode_sequence_thorough(
         per_doc = per_doc_log_likelihood(logits, seqs, k, gen.pad_token_id)[best]
         post = (prior[i] + per_doc).softmax(0)
         text = gen.decode(seqs[best : best + 1])[0]
-        answers.append(Answer(text, float(-nll[best]), post.tolist(), prior[i].exp().tolist()))
+        answers.append(Answer(text, float(-nll[best]), post.tolist(), prior[i].exp().tolist(), seqs[best].tolist()))
     return answers
 
 
@@ -186,7 +189,8 @@ def decode_sequence_fast(
     for i, (_, _, out) in enumerate(beams):
         log_post, best, ll_best = _fast_scores(gen, out, prior[i], k, num_beams)
         text = gen.decode(out.sequences[best][None])[0]
-        answers.append(Answer(text, float(ll_best), log_post.exp().tolist(), prior[i].exp().tolist()))
+        answers.append(Answer(text, float(ll_best), log_post.exp().tolist(), prior[i].exp().tolist(),
+                              out.sequences[best].tolist()))
     return answers
 
 

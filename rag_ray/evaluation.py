@@ -124,14 +124,15 @@ def retrieve(model, retriever, questions: Sequence[str], k: int) -> SearchResult
 
 
 def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
-                num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+                num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16, span_recovery: bool = True) -> dict:
     """Dev metrics of a RAG model on rows {question, answers, doc_id}:
 
     EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
     gold answer under the model's own marginalisation (closed-book: the generator alone), and
     recall@5 / recall@n_docs of the retrieved passages by gold document (retrieval asks for
     max(5, n_docs) passages; the model reads the first n_docs). Each question is embedded once:
-    the same vector searches, generates and scores.
+    the same vector searches, generates and scores. ``span_recovery``: answers read back from the
+    passage that holds them (RagPipeline's), as the CLI and Serve return them.
     """
     import torch
 
@@ -139,7 +140,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     from rag_ray.pipeline import RagPipeline
 
     mode = Mode.parse(mode)
-    pipeline = RagPipeline(model, retriever)
+    pipeline = RagPipeline(model, retriever, span_recovery=span_recovery)
     was_training = model.training
     model.eval()
     k = max(5, n_docs)
@@ -206,7 +207,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     try:
         rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
         report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
-                             num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+                             num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                             span_recovery=cfg.span_recovery)
         if cfg.retrieval:
             report["retrieval"] = evaluate_retrieval(retriever, model.query_encoder, examples, index)
     finally:

@@ -3,7 +3,8 @@
 model so the equivalence tests, the decoders and the benchmarks call exactly the same code.
 
 Shapes: B questions, K passages per question, T target tokens, V vocabulary; generator logits
-are flattened question-major to ``[B*K, T, V]``.
+are flattened question-major to ``[B*K, T, V]``. ``doc_scores`` are the logits of p(z|x): the
+model passes its scale · q·d, so every formula here is the reference one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 @dataclass
 class LossOutput:
-    """``loss``: mean over the batch; ``nll``: per-question loss [B]; ``doc_scores``: q·d [B, K];
+    """``loss``: mean over the batch; ``nll``: per-question loss [B]; ``doc_scores``: the logits of
+    p(z|x) [B, K] (the model's scale · q·d);
     ``doc_log_prior``: log p(z|x) [B, K]; ``doc_log_posterior``: log p(z|x,y) [B, K] under the
     sequence model (empty [B, 0] in closed-book mode)."""
 

@@ -5,6 +5,10 @@ A question is embedded once per request: the same vector searches the shards and
 to the generator (q·d against the stored passage vectors). ``answer`` runs the steps in order;
 ``embed`` / ``retriever.search_async`` / ``read`` are the same steps for callers that interleave
 them with an event loop (a Serve replica awaits the search and runs the model off the loop).
+
+Answers are read back from the source (``span_recovery``, on by default): where the generated
+tokens occur contiguously in a retrieved passage, the answer is the passage's own text ("2,000",
+"U.S.") instead of the uncased tokenizer's decode ("2, 000", "u. s."); see ``spans.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from rag_ray.errors import RagRayError
+from rag_ray.spans import recover_span
 from rag_ray.types import Mode, SearchResult
 
 
@@ -45,11 +50,13 @@ class RagAnswer:
 
 
 class RagPipeline:
-    """A RagModel plus a Retriever (None for closed-book models)."""
+    """A RagModel plus a Retriever (None for closed-book models). ``span_recovery``: answers that
+    occur in a retrieved passage are returned as written there (False: the tokenizer's decode)."""
 
-    def __init__(self, model, retriever=None) -> None:
+    def __init__(self, model, retriever=None, *, span_recovery: bool = True) -> None:
         self.model = model
         self.retriever = retriever
+        self.span_recovery = span_recovery
 
     def embed(self, questions: Sequence[str]) -> np.ndarray:
         """[B, D] float32 query vectors from the model's (possibly fine-tuned) query encoder."""
@@ -90,10 +97,18 @@ class RagPipeline:
         out = []
         for i, (question, a) in enumerate(zip(questions, answers)):
             hits = result.hits[i][:n_docs] if result else []
-            out.append(RagAnswer(question, a.text, a.score, [
+            out.append(RagAnswer(question, self._answer_text(a, hits), a.score, [
                 SourcePassage(h.passage_id, h.doc_id, h.title, h.text, h.score, float(prior), float(post))
                 for h, prior, post in zip(hits, a.doc_prior, a.doc_posterior)]))
         return out
+
+    def _answer_text(self, answer, hits) -> str:
+        """The answer as written in the most probable passage (by p(z|x,y)) that holds its tokens
+        contiguously, else its decode."""
+        if not self.span_recovery or not hits or not answer.token_ids:
+            return answer.text
+        order = sorted(range(len(hits)), key=lambda j: -answer.doc_posterior[j])
+        return recover_span(self.model.generator.tokenizer, answer.token_ids, [hits[j] for j in order], answer.text)
 
     def close(self) -> None:
         """Retire the shard actors if this pipeline's retriever started them."""

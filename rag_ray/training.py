@@ -46,12 +46,19 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
     from rag_ray.model import RagModel
 
     m = cfg.model
-    common = {"mode": m.mode, "n_docs": m.n_docs, "label_smoothing": m.label_smoothing}
+    common = {"mode": m.mode, "n_docs": m.n_docs, "label_smoothing": m.label_smoothing,
+              "learn_doc_score_scale": m.learn_doc_score_scale}
     if m.init_from is not None:
         model = RagModel.from_pretrained(m.init_from, device=device)
         model.config = replace(model.config, **common)
+        if m.doc_score_scale is not None:
+            model.set_doc_score_scale(m.doc_score_scale)
     else:
-        model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device, **common)
+        scale = {} if m.doc_score_scale is None else {"doc_score_scale": m.doc_score_scale}
+        model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device,
+                                         **common, **scale)
+    # only retrieval in the loss gives the scale a gradient
+    model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and cfg.retrieves_in_training)
     if m.max_source_length is not None:
         model.generator.max_source_length = m.max_source_length
     if m.max_target_length is not None:
@@ -63,8 +70,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
 
 def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with a smaller learning rate for the query encoder (it starts well trained), an
-    optionally larger one for the copy head (new weights), and linear warm-up then linear decay
-    to zero at ``max_steps``."""
+    optionally larger one for the copy head (new weights), the scale on q·d in a group of its
+    own without weight decay (decay would pull its log towards 0, i.e. scale 1), and linear
+    warm-up then linear decay to zero at ``max_steps``."""
     o = cfg.optim
     head = [p for p in model.generator.model.head_parameters() if p.requires_grad] if model.generator.copy_head else []
     head_ids = {id(p) for p in head}
@@ -75,6 +83,8 @@ def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Opti
     q_params = [p for p in model.query_encoder.parameters() if p.requires_grad]
     if q_params:
         groups.append({"params": q_params, "lr": o.lr if o.query_encoder_lr is None else o.query_encoder_lr})
+    if model.log_doc_score_scale.requires_grad:
+        groups.append({"params": [model.log_doc_score_scale], "lr": o.lr, "weight_decay": 0.0})
     # fused AdamW: one kernel over all parameters (CPU and CUDA), measured 5.6% of a CPU step unfused
     optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=True)
 
@@ -245,21 +255,37 @@ def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
     return out, len(rows) - len(out)
 
 
-def cycle_batches(shard, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[dict]:
-    """Endless batches from this worker's dataset shard, reshuffled locally each epoch (or in
-    file order with ``shuffle=False``, which benchmarks use to feed identical batches)."""
-    epoch = 0
+def train_dataset(rows: list[dict], cfg: TrainConfig):
+    """The training rows as a Ray Dataset. ``cfg.shuffle``: reshuffled globally at every epoch
+    (each pass over the dataset is a new execution with a new seed derived from ``cfg.seed``), so
+    a batch mixes articles although question files are sorted by article: a local shuffle buffer
+    only mixes neighbouring rows, i.e. one or two articles. ``shuffle: false``: file order, which
+    benchmarks use to feed identical batches."""
+    import ray.data
+
+    # A few blocks, not Ray Data's default hundreds: the rows are small and already in memory,
+    # and on a small machine per-block tasks compete with training for the same cores.
+    ds = ray.data.from_items(rows, override_num_blocks=max(4, 2 * cfg.scaling.num_workers))
+    if not cfg.shuffle:
+        return ds
+    try:
+        from ray.data import RandomSeedConfig
+    except ImportError:  # an older Ray: a new order every epoch, but not reproducible from the seed
+        return ds.random_shuffle()
+    return ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+
+
+def cycle_batches(shard, batch_size: int) -> Iterator[dict]:
+    """Endless batches from this worker's dataset shard, epoch after epoch (each epoch in the
+    order ``train_dataset`` gives it: globally reshuffled, or file order)."""
     while True:
         n = 0
-        shuffling = {"local_shuffle_buffer_size": max(4 * batch_size, 256), "local_shuffle_seed": seed + epoch}
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
-                                        **(shuffling if shuffle else {})):
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
             n += 1
             yield batch
         if n == 0:
             raise RagRayError(f"a worker's share of the training set is smaller than one batch of {batch_size}; "
                               "use fewer scaling.num_workers, a smaller optim.batch_size or more data")
-        epoch += 1
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -276,7 +302,8 @@ def save_checkpoint(directory: str, state: TrainState, metrics: dict, metadata: 
 
 def load_checkpoint(directory: str, cfg: TrainConfig, device: torch.device):
     """(model, optimizer, scheduler, step) from a checkpoint folder; tensors only (weights_only)."""
-    saved = replace(cfg, model=replace(cfg.model, init_from=str(Path(directory) / MODEL_DIR)))
+    # the checkpoint's own (learned) scale, not the configured starting value
+    saved = replace(cfg, model=replace(cfg.model, init_from=str(Path(directory) / MODEL_DIR), doc_score_scale=None))
     model = build_model(saved, device)
     optimizer, scheduler = build_optimizer(model, cfg)
     state = torch.load(Path(directory) / TRAIN_STATE, map_location=device, weights_only=True)
@@ -336,8 +363,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     state = _setup_worker(cfg)
-    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size,
-                            cfg.seed + state.step + 1000 * rank, cfg.shuffle)
+    batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size)
     prefetch = Prefetcher(state.model, retriever if cfg.retrieves_in_training else None, cfg.model.n_docs,
                           cfg.prefetch)
     retrieval_log: list[dict] = []
@@ -369,7 +395,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and dev_rows and evaluate:
                 metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
                                            mode=cfg.model.mode, n_docs=cfg.model.n_docs, decoding=cfg.eval.decoding,
-                                           num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens))
+                                           num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
+                                           span_recovery=cfg.eval.span_recovery))
                 print(f"[rag_ray.train] eval at step {state.step}: "
                       f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_')} }", flush=True)
             if retrieval_log:
@@ -476,9 +503,7 @@ def run_training(cfg: TrainConfig) -> dict:
         run_config=RunConfig(name=ckpt.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=ckpt.num_to_keep),
                              failure_config=FailureConfig(max_failures=ckpt.max_failures)),
-        # A few blocks, not Ray Data's default hundreds: the rows are small and already in memory,
-        # and on a small machine per-block tasks compete with training for the same cores.
-        datasets={"train": ray.data.from_items(train, override_num_blocks=max(4, 2 * scaling.num_workers))},
+        datasets={"train": train_dataset(train, cfg)},
     )
     start = time.perf_counter()
     try:

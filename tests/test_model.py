@@ -52,6 +52,8 @@ def tiny_bert_config(tok, init: float = 0.3, **kw) -> BertConfig:
 
 
 def tiny_model(tok, copy_head: bool, seed: int = 0, init: float = 0.3, **cfg) -> RagModel:
+    """Scale 1 on q·d unless asked (the comparisons with transformers' RAG start from raw q·d)."""
+    cfg.setdefault("doc_score_scale", 1.0)
     torch.manual_seed(seed)
     qenc = Encoder(BertModel(tiny_bert_config(tok, init)), tok, name="tiny", pooling="mean")
     dec_cfg = tiny_bert_config(tok, init, is_decoder=True, add_cross_attention=True)
@@ -91,14 +93,15 @@ def hf_inputs(model: RagModel, k: int):
     rows = [row[:k] for row in PASSAGES]
     inputs = gen.build_inputs(QUESTIONS, rows)
     q = model.query_encoder.embed(QUESTIONS)
-    scores = model.doc_scores(q, doc_vectors()[:, :k])
+    scores = model.doc_logits(q, doc_vectors()[:, :k])  # scale · q·d: q·d itself at scale 1
     return inputs, scores, gen.build_targets(ANSWERS)
 
 
 @pytest.mark.parametrize("copy_head", [False, True])
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_losses_equal_transformers(tokenizer, copy_head, eps):
-    model = tiny_model(tokenizer, copy_head, label_smoothing=eps)
+@pytest.mark.parametrize("eps,scale", [(0.0, 1.0), (0.1, 1.0), (0.0, 20.0)])
+def test_losses_equal_transformers(tokenizer, copy_head, eps, scale):
+    """At scale 1 exactly transformers' RAG on q·d; at scale s transformers' RAG on s · q·d."""
+    model = tiny_model(tokenizer, copy_head, label_smoothing=eps, doc_score_scale=scale)
     k = 3
     inputs, scores, labels = hf_inputs(model, k)
     for mode, cls in (("sequence", RagSequenceForGeneration), ("token", RagTokenForGeneration)):
@@ -329,6 +332,70 @@ print(json.dumps(out.nll.tolist()))
     assert res.returncode == 0, res.stderr[-2000:]
     got = torch.tensor(__import__("json").loads(res.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_doc_score_scale_multiplies_the_scores_going_into_softmax(tokenizer):
+    model = tiny_model(tokenizer, copy_head=True, doc_score_scale=20.0)
+    assert model.doc_score_scale == pytest.approx(20.0)
+    with torch.no_grad():
+        raw = model.doc_scores(model.query_encoder.embed(QUESTIONS), doc_vectors())
+        out = model.loss(QUESTIONS, ANSWERS, PASSAGES, doc_vectors(), n_docs=4)
+        at_one = tiny_model(tokenizer, copy_head=True).loss(QUESTIONS, ANSWERS, PASSAGES, doc_vectors(), n_docs=4)
+    torch.testing.assert_close(out.doc_scores, 20.0 * raw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.doc_log_prior, (20.0 * raw).log_softmax(1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.nll, at_one.nll, atol=1e-3)  # same weights, the scale alone changes the loss
+    for mode, decoding in (("token", "greedy"), ("sequence", "thorough"), ("sequence", "fast")):
+        answers = model.generate(QUESTIONS, PASSAGES, doc_vectors(), mode=mode, decoding=decoding, num_beams=2,
+                                 max_new_tokens=4, n_docs=4)
+        np.testing.assert_allclose([a.doc_prior for a in answers], (20.0 * raw).softmax(1).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="doc_score_scale must be a finite number > 0"):
+        RagConfig(doc_score_scale=0.0)
+
+
+def test_doc_score_scale_is_learned_saved_and_loaded_exactly(tokenizer, tmp_path):
+    model = tiny_model(tokenizer, copy_head=True, doc_score_scale=20.0)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(3):
+        loss = model.loss(QUESTIONS, ANSWERS, PASSAGES, doc_vectors(), n_docs=4).loss
+        opt.zero_grad()
+        loss.backward()
+        assert model.log_doc_score_scale.grad is not None and float(model.log_doc_score_scale.grad.abs()) > 0
+        opt.step()
+    learned = model.doc_score_scale
+    assert abs(learned - 20.0) > 0.1, learned  # Adam moves the log-scale by ~lr per step
+    model.eval()
+    model.save_pretrained(tmp_path / "rag")
+    loaded = RagModel.from_pretrained(tmp_path / "rag", device="cpu").eval()
+    assert torch.equal(loaded.log_doc_score_scale, model.log_doc_score_scale)
+    assert loaded.log_doc_score_scale.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.loss(QUESTIONS, ANSWERS, PASSAGES, doc_vectors(), n_docs=4).nll,
+                                   model.loss(QUESTIONS, ANSWERS, PASSAGES, doc_vectors(), n_docs=4).nll)
+
+    frozen = tiny_model(tokenizer, copy_head=True, doc_score_scale=20.0, learn_doc_score_scale=False)
+    assert not frozen.log_doc_score_scale.requires_grad
+    frozen.save_pretrained(tmp_path / "frozen")
+    assert not RagModel.from_pretrained(tmp_path / "frozen", device="cpu").log_doc_score_scale.requires_grad
+
+
+def test_model_saved_before_the_scale_loads_with_scale_one(tokenizer, tmp_path):
+    import json
+
+    model = tiny_model(tokenizer, copy_head=True, doc_score_scale=20.0).eval()
+    model.save_pretrained(tmp_path / "old")
+    # what save_pretrained wrote before the scale existed: no scale tensor, no config field
+    (tmp_path / "old" / "doc_score_scale.safetensors").unlink()
+    cfg_file = tmp_path / "old" / "rag_config.json"
+    data = json.loads(cfg_file.read_text())
+    del data["config"]["doc_score_scale"], data["config"]["learn_doc_score_scale"]
+    cfg_file.write_text(json.dumps(data))
+    old = RagModel.from_pretrained(tmp_path / "old", device="cpu").eval()
+    assert old.doc_score_scale == 1.0
+    with torch.no_grad():
+        model.set_doc_score_scale(1.0)
+        torch.testing.assert_close(old.loss(QUESTIONS, ANSWERS, PASSAGES, doc_vectors(), n_docs=4).nll,
+                                   model.loss(QUESTIONS, ANSWERS, PASSAGES, doc_vectors(), n_docs=4).nll)
 
 
 def test_from_pretrained_missing_dir_is_clear(tmp_path):

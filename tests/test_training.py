@@ -67,6 +67,10 @@ def test_two_workers_lower_the_loss_write_a_checkpoint_and_resume(setup, trained
     before = _mean_loss(root / "init_model", root, questions)
     after = _mean_loss(report["model"], root, questions)
     assert after < 0.7 * before, (before, after)
+    # the scale on q·d is trained with the rest: it left its starting value and was saved
+    init_scale = RagModel.from_pretrained(root / "init_model", device="cpu").doc_score_scale
+    assert init_scale == pytest.approx(20.0)
+    assert abs(RagModel.from_pretrained(report["model"], device="cpu").doc_score_scale - init_scale) > 1e-3
 
     # Retrieval inside training is the Retriever client's: same passages for the first batch.
     logged = m["retrieval_log"][0]
@@ -101,13 +105,18 @@ def test_optimizer_groups_state_their_learning_rates(setup):
     cfg = _cfg(root, questions, "groups", {"optim.lr": 2e-4, "optim.query_encoder_lr": 1e-5})
     model = build_model(cfg, torch.device("cpu"))
     optimizer, _ = build_optimizer(model, cfg)
-    # generator, copy head (copy_head_lr None: optim.lr), query encoder
-    assert [g["initial_lr"] for g in optimizer.param_groups] == [2e-4, 2e-4, 1e-5]
+    # generator, copy head (copy_head_lr None: optim.lr), query encoder, scale on q·d
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [2e-4, 2e-4, 1e-5, 2e-4]
     head = {id(p) for p in model.generator.model.head_parameters()}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == head
-    cfg = _cfg(root, questions, "groups", {"optim.copy_head_lr": 3e-3, "model.freeze_query_encoder": True})
-    optimizer, _ = build_optimizer(build_model(cfg, torch.device("cpu")), cfg)
-    assert [g["initial_lr"] for g in optimizer.param_groups] == [3e-3, 3e-3]  # no query-encoder group
+    assert optimizer.param_groups[3]["params"] == [model.log_doc_score_scale]
+    assert optimizer.param_groups[3]["weight_decay"] == 0.0 and optimizer.param_groups[0]["weight_decay"] > 0
+    cfg = _cfg(root, questions, "groups", {"optim.copy_head_lr": 3e-3, "model.freeze_query_encoder": True,
+                                           "model.learn_doc_score_scale": False, "model.doc_score_scale": 7.0})
+    model = build_model(cfg, torch.device("cpu"))
+    optimizer, _ = build_optimizer(model, cfg)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [3e-3, 3e-3]  # no query-encoder or scale group
+    assert model.doc_score_scale == pytest.approx(7.0)  # an explicit scale overrides init_from's
 
 
 def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
@@ -228,3 +237,32 @@ def test_reader_warm_up_learns_to_read_gold_passages(setup, toy_corpus):
     for a, b in zip(init.query_encoder.parameters(), trained.query_encoder.parameters()):
         assert torch.equal(a, b)
 
+
+
+def test_shuffle_mixes_articles_in_every_batch_and_reshuffles_each_epoch(ray_local):
+    """Question files are sorted by article; a shuffled epoch must not be a run of one article's
+    questions. The dataset goes through Ray Data's streaming split, as get_dataset_shard's does."""
+    from rag_ray.training import cycle_batches, train_dataset
+
+    rows = [{"question": f"q{a}-{i}", "answer": "x", "doc_id": f"article{a:02d}"} for a in range(40) for i in range(25)]
+    per_epoch, batch_size = len(rows) // 8, 8
+
+    def epochs(shuffle: bool, n: int = 2) -> list[list[dict]]:
+        cfg = load_config(TrainConfig, overrides={"shuffle": shuffle, "seed": 3, "optim.batch_size": batch_size})
+        batches = cycle_batches(train_dataset(rows, cfg).streaming_split(1, equal=True)[0], batch_size)
+        return [[next(batches) for _ in range(per_epoch)] for _ in range(n)]
+
+    def distinct_articles(batches) -> list[int]:
+        return [len(set(b["doc_id"].tolist())) for b in batches[:20]]
+
+    file_order = epochs(False, n=1)[0]
+    assert [q for b in file_order for q in b["question"].tolist()] == [r["question"] for r in rows]
+    assert max(distinct_articles(file_order)) <= 2  # 25 questions per article: a batch spans at most two
+
+    first, second = epochs(True)
+    # 8 draws from 40 articles: about 7.3 distinct on average when the order is uniformly random
+    assert sum(distinct_articles(first)) / 20 >= 6, distinct_articles(first)
+    for epoch in (first, second):  # every row once per epoch
+        assert sorted(q for b in epoch for q in b["question"].tolist()) == sorted(r["question"] for r in rows)
+    order = [[q for b in epoch for q in b["question"].tolist()] for epoch in (first, second)]
+    assert order[0] != order[1]  # a new order each epoch

@@ -275,7 +275,8 @@ def build_app(args: "dict | ServeConfig"):
                             "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-    ).bind(str(model_dir), host, threads, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.n_docs)
+    ).bind(str(model_dir), host, threads, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.n_docs,
+           cfg.span_recovery)
     return make_ingress(cfg, _key_hash(key) if key else None).bind(model, host)
 
 

@@ -20,13 +20,13 @@ from rag_ray.types import Mode
 @serve.deployment
 class RagModelServer:
     def __init__(self, model_dir: str, index_host, torch_threads: int, max_batch_size: int,
-                 batch_wait_timeout_s: float, n_docs: int | None = None) -> None:
+                 batch_wait_timeout_s: float, n_docs: int | None = None, span_recovery: bool = True) -> None:
         import torch
 
         from rag_ray.model import RagModel
 
         torch.set_num_threads(torch_threads)
-        self.pipeline = RagPipeline(RagModel.from_pretrained(model_dir).eval())
+        self.pipeline = RagPipeline(RagModel.from_pretrained(model_dir).eval(), span_recovery=span_recovery)
         self.index_host = index_host
         self.n_docs = n_docs or self.pipeline.model.config.n_docs
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and the benchmark
