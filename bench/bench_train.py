@@ -3,13 +3,14 @@
 Same model (the offline default unless --init-from), same batches (squad-open train questions),
 same retrieval (the same IndexShard actors), same threads. Then Ray Train with 2 workers:
 
-    python bench/bench_train.py --index indexes/squad-open --steps 30 --batch-size 4 --n-docs 3 --threads 2
+    python bench/bench_train.py --index indexes/squad-open --steps 20 --batch-size 4 --n-docs 3 --threads 2 --pairs 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--n-docs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=3, help="plain / Ray Train pairs run in turn (median reported)")
+    parser.add_argument("--two-workers", action="store_true", help="also 2 workers x threads/2 (DDP)")
     args = parser.parse_args()
 
     from rag_ray.config import TrainConfig, load_config
@@ -73,27 +76,40 @@ def main() -> None:
               "shuffle": False}  # both sides read the training questions in file order: identical batches
     cfg = load_config(TrainConfig, overrides={**common, "scaling.torch_threads": args.threads})
     retriever = Retriever.load(args.index)
-    base = plain_loop(cfg, retriever)
-    retriever.shutdown()
-    print(f"plain loop: {base['samples_per_s']:.2f} samples/s; split {base['time_split_s']}", flush=True)
 
-    rows = {}
-    for workers in (1, 2):
+    def ray_train(workers: int, tag: str) -> dict:
         threads = max(1, args.threads // workers)
         run = load_config(TrainConfig, overrides={**common, "scaling.torch_threads": threads,
                                                   "scaling.num_workers": workers, "scaling.cpus_per_worker": threads,
-                                                  "checkpoint.name": f"bench-{workers}w"})
+                                                  "checkpoint.name": f"bench-{workers}w-{tag}"})
         report = run_training(run)
         m = report["metrics"]
-        rows[workers] = {"samples_per_s": m["samples_per_s"], "steps": m["step"], "threads_per_worker": threads,
-                         "time_split_s": {k: m[f"time_{k}_s"] for k in ("retrieve", "forward", "backward", "optimizer")},
-                         "wall_seconds": report["wall_seconds"]}
-        print(f"ray train, {workers} worker(s) x {threads} thread(s): {m['samples_per_s']:.2f} samples/s "
-              f"(x{m['samples_per_s'] / base['samples_per_s']:.2f} of plain); split {rows[workers]['time_split_s']}", flush=True)
-    emit({"bench": "train", "batch_size": args.batch_size, "n_docs": args.n_docs, "threads": args.threads,
-          "plain": base, "ray_train": rows,
-          "ratio_1_worker": rows[1]["samples_per_s"] / base["samples_per_s"],
-          "ratio_2_workers": rows[2]["samples_per_s"] / base["samples_per_s"]})
+        row = {"samples_per_s": m["samples_per_s"], "steps": m["step"], "threads_per_worker": threads,
+               "time_split_s": {k: m[f"time_{k}_s"] for k in ("retrieve", "forward", "backward", "optimizer")},
+               "wall_seconds": report["wall_seconds"]}
+        print(f"ray train, {workers} worker(s) x {threads} thread(s): {m['samples_per_s']:.2f} samples/s; "
+              f"split {row['time_split_s']}", flush=True)
+        return row
+
+    # Pairs in turn (plain, Ray Train 1 worker, plain, ...): runs on this machine drift by +-10%,
+    # so each ratio compares neighbours and the median of the pairs is reported.
+    pairs = []
+    for i in range(args.pairs):
+        base = plain_loop(cfg, retriever)
+        print(f"plain loop: {base['samples_per_s']:.2f} samples/s; split {base['time_split_s']}", flush=True)
+        one = ray_train(1, str(i))
+        pairs.append({"plain": base, "ray_train_1": one, "ratio": one["samples_per_s"] / base["samples_per_s"]})
+        print(f"pair {i + 1}: ratio {pairs[-1]['ratio']:.2f}", flush=True)
+    retriever.shutdown()
+    result = {"bench": "train", "batch_size": args.batch_size, "n_docs": args.n_docs, "threads": args.threads,
+              "pairs": pairs, "median_ratio_1_worker": statistics.median(p["ratio"] for p in pairs)}
+    if args.two_workers:
+        two = ray_train(2, "x")
+        result["ray_train_2"] = two
+        result["ratio_2_workers_vs_median_plain"] = two["samples_per_s"] / statistics.median(
+            p["plain"]["samples_per_s"] for p in pairs)
+    print(f"median ratio, Ray Train 1 worker / plain: {result['median_ratio_1_worker']:.2f}", flush=True)
+    emit(result)
 
 
 if __name__ == "__main__":

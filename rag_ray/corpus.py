@@ -279,4 +279,6 @@ def read_corpus(paths: list[str] | str, fmt: Format | None = None, max_words: in
     for p in files:  # fail fast on an unknown extension, before any task starts
         if fmt is None:
             detect_format(p)
-    return ray.data.read_datasource(make_datasource(files, fmt, max_words, on_error, skip_counter))
+    # Parsing and splitting is light next to embedding: the read holds no CPU, so a pool of
+    # embedding actors sized to every CPU can start at once without waiting on it.
+    return ray.data.read_datasource(make_datasource(files, fmt, max_words, on_error, skip_counter), num_cpus=0)

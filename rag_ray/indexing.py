@@ -136,7 +136,10 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
             EmbedPassages,
             fn_constructor_kwargs={"encoder": cfg.encoder, "torch_threads": threads},
             batch_size=max(cfg.encoder.batch_size, 256),
-            compute=ActorPoolStrategy(min_size=1, max_size=embedders),
+            # The whole pool from the start: Ray Data's pool autoscaler did not add a second actor
+            # for a corpus of a few blocks, which left one 1-thread actor embedding squad-open
+            # alone at 0.47 of a plain 2-thread process (docs/benchmarks.md).
+            compute=ActorPoolStrategy(min_size=embedders, max_size=embedders),
             num_cpus=cpus,
             num_gpus=gpus,
         )
@@ -175,7 +178,7 @@ def write_index(ds, cfg: IndexConfig, encoder: EncoderInfo, describe: Callable[[
     shards = [actor.options(**opts).remote(encoder.dim, cfg.index_type, spill_dir=cfg.spill_dir, **params)
               for opts in placement]
     try:
-        ds = ds.map_batches(route_to_shards, fn_kwargs={"shards": shards}, batch_size=None, num_cpus=0.1)
+        ds = ds.map_batches(route_to_shards, fn_kwargs={"shards": shards}, batch_size=None, num_cpus=0)
         start, total, last_log = time.perf_counter(), 0, 0.0
         for batch in ds.iter_batches(batch_size=None):
             total += int(batch["added"].sum())
