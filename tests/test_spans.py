@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from conftest import build_tiny_rag, write_jsonl
 from rag_ray.encoders import DEFAULT_ENCODER, resolve_model_path
+from rag_ray.pipeline import RagPipeline
 from rag_ray.spans import answer_ids, find_span, recover_span
 
 
@@ -75,6 +76,9 @@ QUESTIONS = [{"question": "How many delegates signed?", "answers": ["2,000"]},
              {"question": "Where were the delegates from?", "answers": ["U.S."]}]
 
 
+DECODE = dict(mode="sequence", n_docs=2, decoding="thorough", num_beams=2, max_new_tokens=6)
+
+
 @pytest.fixture(scope="module")
 def copier(ray_local, tmp_path_factory):
     """A tiny RAG model over a two-passage index, trained until it greedily copies both answers."""
@@ -92,13 +96,19 @@ def copier(ray_local, tmp_path_factory):
     torch.manual_seed(0)
     res = retriever.search(model.query_encoder.encode(questions), 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(300):
-        loss = model.loss(questions, answers, res.hits, res.vectors, mode="sequence").loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    tok = model.generator.tokenizer
+    want = [tok.decode(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]  # "2, 000", "u. s."
+    for _ in range(10):  # until it copies both answers (how many steps depends on the index's vectors)
+        model.train()
+        for _ in range(100):
+            loss = model.loss(questions, answers, res.hits, res.vectors, mode="sequence").loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        got = RagPipeline(model, retriever, span_recovery=False).answer(questions, **DECODE)
+        if [a.answer for a in got] == want:
+            break
     torch.set_num_threads(threads)
     yield model, retriever
     retriever.shutdown()
@@ -106,11 +116,10 @@ def copier(ray_local, tmp_path_factory):
 
 def test_pipeline_answers_as_written_in_the_passage(copier):
     from rag_ray.evaluation import evaluate_qa
-    from rag_ray.pipeline import RagPipeline
 
     model, retriever = copier
     questions = [q["question"] for q in QUESTIONS]
-    kw = dict(mode="sequence", n_docs=2, decoding="thorough", num_beams=2, max_new_tokens=6)
+    kw = DECODE
     plain = RagPipeline(model, retriever, span_recovery=False).answer(questions, **kw)
     assert [a.answer for a in plain] == ["2, 000", "u. s."]  # the model generates the answers' tokens
     recovered = RagPipeline(model, retriever).answer(questions, **kw)
