@@ -130,7 +130,7 @@ def test_training_survives_losing_a_worker_node(three_node_cluster, toy_corpus, 
     cfg = load_config(TrainConfig, overrides={
         "index": str(tmp_path / "index"), "data.train": questions, "data.dev": None,
         "model.init_from": str(tmp_path / "init_model"), "model.n_docs": 2, "optim.batch_size": 2,
-        "optim.warmup_steps": 0, "optim.max_steps": 40, "checkpoint.every": 8, "eval.questions": 0,
+        "optim.warmup_steps": 0, "optim.max_steps": 80, "checkpoint.every": 8, "eval.questions": 0,
         "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.4, "scaling.torch_threads": 1,
         "checkpoint.storage_path": str(tmp_path / "runs"), "checkpoint.name": "node-loss",
         "checkpoint.max_failures": 3})
@@ -161,5 +161,5 @@ def test_training_survives_losing_a_worker_node(three_node_cluster, toy_corpus, 
     assert not errors, errors
     assert removed, "no worker node was removed: the run finished before its first checkpoint"
     assert removed[0] not in {nd["NodeID"] for nd in ray.nodes() if nd["Alive"]}
-    assert report["metrics"]["step"] == 40
+    assert report["metrics"]["step"] == 80
     assert report["metrics"]["resumed_from_step"] is not None and report["metrics"]["resumed_from_step"] >= 8
