@@ -254,6 +254,9 @@ class TrainScaling:
     cpus_per_worker: float = 1.0
     #: None: torch's default thread count
     torch_threads: int | None = None
+    #: how Ray places the workers' bundles: PACK (fewest nodes: fast DDP) or SPREAD (one node's
+    #: loss takes out fewer workers); STRICT_ variants fail rather than fall back
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self) -> list[str]:
         return _at_least(1, self, "num_workers", "torch_threads") + _positive(self, "cpus_per_worker")

@@ -499,7 +499,8 @@ def run_training(cfg: TrainConfig) -> dict:
                            "dev": [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""}
                                    for e in dev]},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(name=ckpt.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=ckpt.num_to_keep),
                              failure_config=FailureConfig(max_failures=ckpt.max_failures)),

@@ -13,7 +13,10 @@ from ray.cluster_utils import Cluster
 from conftest import exact_topk, write_vector_index
 from rag_ray.shards import ShardSet
 
-NODE = {"num_cpus": 1, "object_store_memory": 200 * 1024**2}
+# Two logical CPUs a node: after a node is lost, the Ray Train workers left on the other nodes
+# (0.4 CPU each) must leave a whole CPU free on some node for Ray Data's 1-CPU shuffle tasks, or
+# the restarted run waits for its first batch forever.
+NODE = {"num_cpus": 2, "object_store_memory": 200 * 1024**2}
 
 
 def _cluster(nodes: int):
@@ -115,7 +118,8 @@ def _node_of_pid(cluster, pid: int):
 
 def test_training_survives_losing_a_worker_node(three_node_cluster, toy_corpus, tmp_path):
     """Two Ray Train workers on a 3-node cluster; once a checkpoint is registered, the node of a
-    worker that is not the head is removed. The run restores from the checkpoint on the nodes that
+    worker that is not the head is removed (SPREAD placement puts the workers on two nodes, so one
+    is always on a node that can be removed). The run restores from the checkpoint on the nodes that
     are left (and its shard, if it was there, moves too) and finishes at the configured step."""
     import threading
 
@@ -132,20 +136,24 @@ def test_training_survives_losing_a_worker_node(three_node_cluster, toy_corpus, 
         "model.init_from": str(tmp_path / "init_model"), "model.n_docs": 2, "optim.batch_size": 2,
         "optim.warmup_steps": 0, "optim.max_steps": 80, "checkpoint.every": 8, "eval.questions": 0,
         "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.4, "scaling.torch_threads": 1,
+        "scaling.placement_strategy": "SPREAD",
         "checkpoint.storage_path": str(tmp_path / "runs"), "checkpoint.name": "node-loss",
         "checkpoint.max_failures": 3})
     head = ray.get_runtime_context().get_node_id()
     removed: list = []
     errors: list = []
+    seen: dict = {"checkpoint": False, "worker_nodes": set()}
 
     def remove_a_worker_node() -> None:
         try:
             deadline = time.time() + 300
             while time.time() < deadline and not removed:
                 if registered_checkpoints(tmp_path / "runs" / "node-loss"):
+                    seen["checkpoint"] = True
                     for p in psutil.process_iter(["cmdline"]):
                         if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
                             node = _node_of_pid(three_node_cluster, p.pid)
+                            seen["worker_nodes"].add(None if node is None else node.node_id)
                             if node is not None and node.node_id != head:
                                 three_node_cluster.remove_node(node)
                                 removed.append(node.node_id)
@@ -159,7 +167,7 @@ def test_training_survives_losing_a_worker_node(three_node_cluster, toy_corpus, 
     report = run_training(cfg)
     thread.join(timeout=5)
     assert not errors, errors
-    assert removed, "no worker node was removed: the run finished before its first checkpoint"
+    assert removed, f"no worker node was removed (head {head}, watcher saw {seen})"
     assert removed[0] not in {nd["NodeID"] for nd in ray.nodes() if nd["Alive"]}
     assert report["metrics"]["step"] == 80
     assert report["metrics"]["resumed_from_step"] is not None and report["metrics"]["resumed_from_step"] >= 8
