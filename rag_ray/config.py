@@ -122,10 +122,15 @@ class Objective(str, Enum):
     ``reader``: the generator alone on (each question's gold passage, question) -> answer, with
     p(z|x) = 1: a warm-up that teaches a small generator to read before joint training (the role
     BART-large's pretraining plays in the paper). Its model is a RAG-Sequence model.
+    ``retriever``: the query encoder alone, DPR-style: each question's gold passage against the
+    other questions' gold passages in the batch and BM25 hard negatives, all scored as
+    softmax(scale · q·d) with the index's own stored vectors (so nothing is re-indexed). A
+    warm-up for the retriever, as the answer loss alone moves recall slowly.
     """
 
     RAG = "rag"
     READER = "reader"
+    RETRIEVER = "retriever"
 
     def __str__(self) -> str:
         return self.value
@@ -140,9 +145,13 @@ class TrainData:
     dev: str | None = "squad-open:dev"
     #: where the reader objective looks up each question's gold passage by doc_id
     corpus: str | None = None
+    #: the retriever objective: BM25 hard negatives per question (top BM25 passages of other
+    #: documents that do not contain the answer; DPR uses 1)
+    hard_negatives: int = 1
 
     def validate(self) -> list[str]:
-        return [] if self.train else ["train: give a questions file or dataset name"]
+        problems = [] if self.train else ["train: give a questions file or dataset name"]
+        return problems + _at_least(0, self, "hard_negatives")
 
 
 @dataclass(frozen=True)
@@ -301,7 +310,8 @@ class TrainConfig:
     @property
     def trains_query_encoder(self) -> bool:
         """Only retrieval in the loss gives the query encoder a gradient."""
-        return self.retrieves_in_training and not self.model.freeze_query_encoder
+        scores_passages = self.retrieves_in_training or self.objective is Objective.RETRIEVER
+        return scores_passages and not self.model.freeze_query_encoder
 
     def validate(self) -> list[str]:
         problems = _at_least(1, self, "log_every")
@@ -310,6 +320,12 @@ class TrainConfig:
         mode = self.model.mode
         if self.retrieves_in_training and self.index is None:
             problems.append(f"index: model.mode {mode.value!r} retrieves passages, give an index directory")
+        if self.objective is Objective.RETRIEVER:
+            if self.index is None:
+                problems.append("index: objective 'retriever' trains against the index's stored passage vectors; "
+                                "give an index directory")
+            if self.model.freeze_query_encoder:
+                problems.append("model.freeze_query_encoder: objective 'retriever' trains only the query encoder")
         if self.objective is Objective.READER:
             if self.data.corpus is None:
                 problems.append("data.corpus: objective 'reader' reads each question's gold passage from a "

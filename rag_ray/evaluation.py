@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
+
 from rag_ray.datasets import QAExample
 from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
@@ -35,6 +37,23 @@ def index_passages(index_dir: str | Path) -> dict[str, list[str]]:
         for name in cols:
             cols[name].extend(table.column(name).to_pylist())
     return cols
+
+
+def index_vectors(index_dir: str | Path, rows: Sequence[int]) -> dict[int, np.ndarray]:
+    """Stored vectors (float32) of rows numbered as in ``index_passages``, read from each shard's
+    memory-mapped vectors.npy: only the pages of the rows asked for are read."""
+    index_dir = resolve_index(index_dir)
+    manifest = IndexManifest.read(index_dir)
+    wanted = np.asarray(sorted(set(rows)), dtype=np.int64)
+    out: dict[int, np.ndarray] = {}
+    start = 0
+    for info in manifest.shards:
+        stored = np.load(index_dir / info.directory / "vectors.npy", mmap_mode="r", allow_pickle=False)
+        mine = wanted[(wanted >= start) & (wanted < start + len(stored))]
+        for r, v in zip(mine.tolist(), np.asarray(stored[mine - start], dtype=np.float32)):
+            out[r] = v
+        start += len(stored)
+    return out
 
 
 def has_answer(text: str, answers: Sequence[str]) -> bool:

@@ -307,6 +307,39 @@ class RagModel(nn.Module):
             post = (prior + per_doc_log_likelihood(logits, target, k, gen.pad_token_id)).log_softmax(1)
         return LossOutput(nll.mean(), nll, scores, prior, post)
 
+    def retrieval_loss(
+        self,
+        questions: Sequence[str],
+        positives: torch.Tensor,
+        positive_ids: Sequence[str],
+        negatives: torch.Tensor | None = None,
+        negative_ids: Sequence[Sequence[str]] | None = None,
+    ) -> torch.Tensor:
+        """DPR's objective for the query encoder: -log softmax(scale · q·d) over every passage in
+        the batch (each question's gold passage [B, D], everyone's hard negatives [B, H, D]) at the
+        question's own gold passage. A candidate that is the question's gold passage under another
+        column (two questions about one passage) is masked, not counted as a negative. The scale is
+        the one p(z|x) uses, so this warm-up also calibrates it."""
+        b, dim = positives.shape
+        if len(questions) != b or len(positive_ids) != b:
+            raise RagRayError(f"need one gold passage per question: {len(questions)} questions, "
+                              f"{b} positive vectors, {len(positive_ids)} positive ids")
+        ids = list(positive_ids)
+        candidates = [positives.to(self.device, torch.float32)]
+        if negatives is not None and negatives.numel():
+            if negative_ids is None or len(negative_ids) != b or negatives.shape[:2] != (b, len(negative_ids[0])):
+                raise RagRayError(f"negatives have shape {tuple(negatives.shape)}, expected [{b}, H, {dim}] "
+                                  "with H ids per question")
+            ids += [pid for row in negative_ids for pid in row]
+            candidates.append(negatives.reshape(-1, dim).to(self.device, torch.float32))
+        cand = torch.cat(candidates)  # [C, D]
+        q = self.query_encoder.embed(list(questions))
+        logits = self.doc_logits(q.float(), cand.unsqueeze(0).expand(b, -1, -1))  # [B, C]
+        same = torch.tensor([[c != i and ids[c] == ids[i] for c in range(len(ids))] for i in range(b)],
+                            device=logits.device)
+        logits = logits.masked_fill(same, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, torch.arange(b, device=logits.device))
+
     # -- decoding ----------------------------------------------------------------------------
 
     @torch.no_grad()

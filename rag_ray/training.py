@@ -22,13 +22,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from rag_ray.config import Objective, TrainConfig, to_dict
 from rag_ray.datasets import QAExample, read_questions
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
-from rag_ray.evaluation import evaluate_qa, retrieve
+from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, retrieve
 from rag_ray.types import Passage, SearchResult
 
 if TYPE_CHECKING:
@@ -57,8 +58,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
         scale = {} if m.doc_score_scale is None else {"doc_score_scale": m.doc_score_scale}
         model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device,
                                          **common, **scale)
-    # only retrieval in the loss gives the scale a gradient
-    model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and cfg.retrieves_in_training)
+    # only scoring passages in the loss gives the scale a gradient
+    scores_passages = cfg.retrieves_in_training or cfg.objective is Objective.RETRIEVER
+    model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and scores_passages)
+    if cfg.objective is Objective.RETRIEVER:  # the query encoder alone learns
+        model.generator.requires_grad_(False)
     if m.max_source_length is not None:
         model.generator.max_source_length = m.max_source_length
     if m.max_target_length is not None:
@@ -85,6 +89,7 @@ def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Opti
         groups.append({"params": q_params, "lr": o.lr if o.query_encoder_lr is None else o.query_encoder_lr})
     if model.log_doc_score_scale.requires_grad:
         groups.append({"params": [model.log_doc_score_scale], "lr": o.lr, "weight_decay": 0.0})
+    groups = [g for g in groups if g["params"]]  # e.g. the frozen generator of the retriever objective
     # fused AdamW: one kernel over all parameters (CPU and CUDA), measured 5.6% of a CPU step unfused
     optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=True)
 
@@ -107,6 +112,17 @@ class LossModule(torch.nn.Module):
         out = self.model.loss(questions, answers, passages, doc_vectors, question_vectors=question_vectors,
                               n_docs=n_docs)
         return out.loss, out.doc_log_prior.detach()
+
+
+class RetrievalLossModule(torch.nn.Module):
+    """What DDP wraps for the retriever objective: one ``RagModel.retrieval_loss``."""
+
+    def __init__(self, model: RagModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, questions, positives, positive_ids, negatives=None, negative_ids=None):
+        return self.model.retrieval_loss(questions, positives, positive_ids, negatives, negative_ids), None
 
 
 # ----------------------------------------------------------------------------- setup and step
@@ -152,7 +168,7 @@ def setup(cfg: TrainConfig, device: torch.device, checkpoint_dir: str | None = N
         model, optimizer, scheduler, step = load_checkpoint(checkpoint_dir, cfg, device)
         resumed_from = step
     model.train()
-    loss_fn = LossModule(model)
+    loss_fn = (RetrievalLossModule if cfg.objective is Objective.RETRIEVER else LossModule)(model)
     if wrap is not None:
         loss_fn = wrap(loss_fn)
     return TrainState(cfg, model, loss_fn, optimizer, scheduler, device, step, resumed_from)
@@ -162,7 +178,8 @@ def train_step(state: TrainState, batch: dict, result: SearchResult | None) -> f
     """One optimizer step: forward under autocast, backward, clip, AdamW, schedule; returns the loss.
 
     ``batch`` holds "question" and "answer" (the reader objective also the gold passage's "title"
-    and "text"); ``result`` is its retrieval, None when training does not retrieve. Adds the
+    and "text"; the retriever objective the stored vectors and ids of the gold passage and the hard
+    negatives, see ``with_retrieval_targets``); ``result`` is its retrieval, None when training does not retrieve. Adds the
     forward/backward/optimizer seconds to ``state.timings`` (retrieval is timed by the caller).
     """
     cfg = state.cfg
@@ -173,6 +190,10 @@ def train_step(state: TrainState, batch: dict, result: SearchResult | None) -> f
             gold = [[Passage("", "", str(t), str(x))] for t, x in zip(batch["title"], batch["text"])]
             zeros = torch.zeros(len(questions), state.model.query_encoder.dim, device=state.device)
             loss, _ = state.loss_fn(questions, answers, gold, zeros[:, None], zeros, n_docs=1)
+        elif cfg.objective is Objective.RETRIEVER:
+            loss, _ = state.loss_fn(questions, torch.as_tensor(batch["positive"]), [str(p) for p in batch["positive_id"]],
+                                    torch.as_tensor(batch["negatives"]),
+                                    [json.loads(ids) for ids in batch["negative_ids"]])
         elif result is None:  # closed book: the generator alone
             loss, _ = state.loss_fn(questions, answers, None, None)
         else:
@@ -252,6 +273,51 @@ def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
     if not out:
         raise RagRayError(f"objective 'reader': no training question has a gold passage in {corpus} (questions need "
                           "a doc_id that is a document id of the corpus)")
+    return out, len(rows) - len(out)
+
+
+def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) -> tuple[list[dict], int]:
+    """Retriever rows: each question's gold passage in the index (a passage of its doc_id that
+    contains its answer) and ``hard_negatives`` BM25 passages (DPR's: the top BM25 passages of
+    other documents that contain no gold answer), each with its stored vector from the index, so
+    training scores exactly what search will. Rows without a gold passage, or with too few
+    negatives, are dropped and counted. BM25 runs here over the whole index (bm25s: seconds for
+    10^4 passages, minutes for 10^6)."""
+    from rag_ray.evaluation import bm25_rankings, has_answer, index_passages, index_vectors
+
+    passages = index_passages(index)
+    first_row: dict[str, list[int]] = {}
+    for r, doc in enumerate(passages["doc_id"]):
+        first_row.setdefault(doc, []).append(r)
+    kept, gold = [], []
+    for row in rows:
+        answer = row["answer"].lower()
+        r = next((r for r in first_row.get(row["doc_id"], []) if answer in passages["text"][r].lower()), None)
+        if r is not None:
+            kept.append(row)
+            gold.append(r)
+    if not kept:
+        raise RagRayError(f"objective 'retriever': no training question has a gold passage in {index} "
+                          "(questions need a doc_id that is a document id of the index)")
+    negatives: list[list[int]] = [[] for _ in kept]
+    if hard_negatives:
+        ranked, _ = bm25_rankings(passages, [row["question"] for row in kept], hard_negatives + 30)
+        for row, picked, ranking in zip(kept, negatives, ranked):
+            answers = json.loads(row["answers"])
+            for r in ranking:
+                if len(picked) == hard_negatives:
+                    break
+                if passages["doc_id"][r] != row["doc_id"] and not has_answer(passages["text"][r], answers):
+                    picked.append(r)
+    vectors = index_vectors(index, sorted({r for rs in negatives for r in rs} | set(gold)))
+    dim = next(iter(vectors.values())).shape[0]
+    out = []
+    for row, g, negs in zip(kept, gold, negatives):
+        if len(negs) < hard_negatives:
+            continue
+        out.append({**row, "positive_id": passages["passage_id"][g], "positive": vectors[g],
+                    "negative_ids": json.dumps([passages["passage_id"][r] for r in negs]),
+                    "negatives": np.stack([vectors[r] for r in negs]) if negs else np.zeros((0, dim), np.float32)})
     return out, len(rows) - len(out)
 
 
@@ -392,7 +458,9 @@ def train_loop_per_worker(config: dict) -> None:
         evaluate = final or state.step % cfg.eval.every == 0
         if evaluate or state.step % cfg.checkpoint.every == 0:
             metrics = progress.metrics(state)
-            if rank == 0 and dev_rows and evaluate:
+            if rank == 0 and dev_rows and evaluate and cfg.objective is Objective.RETRIEVER:
+                metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index))
+            elif rank == 0 and dev_rows and evaluate:
                 metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
                                            mode=cfg.model.mode, n_docs=cfg.model.n_docs, decoding=cfg.eval.decoding,
                                            num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
@@ -406,6 +474,13 @@ def train_loop_per_worker(config: dict) -> None:
             if stop:
                 break
     prefetch.close()
+
+
+def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str) -> dict:
+    """dev_recall@1/5/20 (gold doc) of the model's query encoder: the retriever objective's score."""
+    examples = [QAExample(r["question"], tuple(r["answers"]), r["doc_id"] or None) for r in dev_rows]
+    report = evaluate_retrieval(retriever, model.query_encoder, examples, index, ks=(1, 5, 20), bm25=False)
+    return {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
 
 
 def _setup_worker(cfg: TrainConfig) -> TrainState:
@@ -480,6 +555,10 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.objective is Objective.READER:
         train, dropped = with_gold_passages(train, cfg.data.corpus)
         print(f"[rag_ray.train] reader: {len(train)} questions with a gold passage, {dropped} without", flush=True)
+    elif cfg.objective is Objective.RETRIEVER:
+        train, dropped = with_retrieval_targets(train, cfg.index, cfg.data.hard_negatives)
+        print(f"[rag_ray.train] retriever: {len(train)} questions with a gold passage and {cfg.data.hard_negatives} "
+              f"BM25 hard negatives, {dropped} without", flush=True)
     # a reader is evaluated over retrieved passages, so only when an index is given
     evaluate = (cfg.data.dev is not None and cfg.eval.questions > 0
                 and (cfg.index is not None or not cfg.model.mode.retrieves))
@@ -487,7 +566,8 @@ def run_training(cfg: TrainConfig) -> dict:
     needs_index = cfg.retrieves_in_training or (cfg.model.mode.retrieves and bool(dev))
     retriever = Retriever.load(cfg.index) if needs_index else None
     # what every saved model records: how it was trained, and against which index version
-    metadata = {"train_config": to_dict(cfg), "index": index_identity(cfg.index) if needs_index else None}
+    trained_against = needs_index or cfg.objective is Objective.RETRIEVER
+    metadata = {"train_config": to_dict(cfg), "index": index_identity(cfg.index) if trained_against else None}
     ckpt = cfg.checkpoint
     storage = ckpt.storage_path if "://" in ckpt.storage_path else str(Path(ckpt.storage_path).resolve())
     if not cfg.shuffle:  # file order end to end: Ray Data may otherwise interleave blocks

@@ -239,6 +239,85 @@ def test_reader_warm_up_learns_to_read_gold_passages(setup, toy_corpus):
 
 
 
+def test_retriever_targets_are_the_index_own_gold_passage_and_bm25_negatives(setup):
+    """Each row's positive is the index passage of its doc that holds the answer, with the stored
+    vector search uses; its hard negatives are BM25 passages of other docs without the answer."""
+    import json
+
+    import numpy as np
+
+    from rag_ray.datasets import QAExample
+    from rag_ray.evaluation import index_passages, index_vectors
+    from rag_ray.training import qa_rows, with_retrieval_targets
+
+    root, _ = setup
+    examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
+    examples += [QAExample("Which word comes after word179?", ("word180",), "long"),
+                 QAExample("Unknown document?", ("x",), "nowhere")]
+    rows, dropped = with_retrieval_targets(qa_rows(examples), str(root / "index"), hard_negatives=2)
+    assert dropped == 1 and len(rows) == 6
+    passages = index_passages(root / "index")
+    row_of = {pid: r for r, pid in enumerate(passages["passage_id"])}
+    stored = index_vectors(root / "index", range(len(row_of)))
+    for row in rows:
+        gold = row_of[row["positive_id"]]
+        assert passages["doc_id"][gold] == row["doc_id"] and row["answer"].lower() in passages["text"][gold].lower()
+        np.testing.assert_array_equal(row["positive"], stored[gold])
+        negatives = json.loads(row["negative_ids"])
+        assert len(negatives) == 2 and row["negatives"].shape == (2, stored[gold].shape[0])
+        for pid, vector in zip(negatives, row["negatives"]):
+            assert passages["doc_id"][row_of[pid]] != row["doc_id"]
+            assert row["answer"].lower() not in passages["text"][row_of[pid]].lower()
+            np.testing.assert_array_equal(vector, stored[row_of[pid]])
+    assert "word180" in passages["text"][row_of[rows[-1]["positive_id"]]].split()
+    with pytest.raises(RagRayError, match="no training question has a gold passage"):
+        with_retrieval_targets(qa_rows(examples[-1:]), str(root / "index"), 1)
+
+
+def test_retriever_warm_up_raises_recall_where_the_untuned_encoder_ranks_gold_low(setup):
+    """The query encoder starts from weights re-drawn at random, unrelated to the passage
+    encoder's, so it ranks the toy questions' gold passages about at random; the retriever
+    objective (in-batch + BM25 negatives, stored vectors) must lift recall@1, train the scale,
+    and leave the generator as it was."""
+    from rag_ray.datasets import QAExample
+    from rag_ray.evaluation import evaluate_retrieval
+
+    root, questions = setup
+    untuned = RagModel.from_pretrained(root / "init_model", device="cpu")
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in untuned.query_encoder.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    untuned.save_pretrained(root / "untuned_query_model")
+    examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
+
+    def recall_at_1(model_dir) -> float:
+        retriever = Retriever.load(root / "index")
+        try:
+            model = RagModel.from_pretrained(model_dir, device="cpu")
+            return evaluate_retrieval(retriever, model.query_encoder, examples, root / "index", ks=(1,),
+                                      bm25=False)["dense"]["recall@1"]
+        finally:
+            retriever.shutdown()
+
+    before = recall_at_1(root / "untuned_query_model")
+    assert before <= 0.4, f"the untuned tiny encoder already finds the gold passages (recall@1 {before})"
+    report = run_training(_cfg(root, questions, "retriever", {
+        "objective": "retriever", "model.init_from": str(root / "untuned_query_model"), "data.hard_negatives": 1,
+        "scaling.num_workers": 1, "optim.batch_size": 4, "optim.max_steps": 60, "eval.every": 60,
+        "checkpoint.every": 60}))
+    m = report["metrics"]
+    assert m["step"] == 60 and "dev_recall@1" in m and "dev_em" not in m
+    after = recall_at_1(report["model"])
+    assert after >= before + 0.4 and after >= 0.8, (before, after)
+    assert after == pytest.approx(m["dev_recall@1"])
+    trained = RagModel.from_pretrained(report["model"])
+    for a, b in zip(untuned.generator.parameters(), trained.generator.parameters()):
+        assert torch.equal(a, b)
+    assert trained.doc_score_scale != untuned.doc_score_scale
+
+
 def test_shuffle_mixes_articles_in_every_batch_and_reshuffles_each_epoch(ray_local):
     """Question files are sorted by article; a shuffled epoch must not be a run of one article's
     questions. The dataset goes through Ray Data's streaming split, as get_dataset_shard's does."""
