@@ -48,6 +48,26 @@ def test_answer_carries_passages_with_prior_and_posterior(tiny):
     retriever.shutdown()
 
 
+def test_hybrid_pipeline_reads_fused_candidates_with_the_same_prior(tiny):
+    """With ``hybrid`` the pipeline sends the questions along; every passage it reads, however it
+    was found, gets p(z|x) = softmax(scale · q·d) of its returned score."""
+    index, model_dir = tiny
+    model = RagModel.from_pretrained(model_dir, device="cpu")
+    retriever = Retriever.load(index, query_encoder=model.query_encoder)
+    pipeline = RagPipeline(model, retriever, hybrid=True, lexical_k=3)
+    questions = [q["question"] for q in TOY_QUESTIONS[:3]]
+    retrieved = pipeline.retrieve(questions, 2)
+    assert {h.source for hits in retrieved.hits for h in hits} <= {"dense", "lexical", "both"}
+    assert any(h.source != "dense" for hits in retrieved.hits for h in hits)  # BM25 took part
+    answers = pipeline.answer(questions, mode="sequence", n_docs=2, decoding="fast", max_new_tokens=4)
+    for answer, hits in zip(answers, retrieved.hits):
+        assert [p.passage_id for p in answer.passages] == [h.passage_id for h in hits]
+        scores = model.doc_score_scale * np.array([p.score for p in answer.passages])
+        np.testing.assert_allclose([p.prior for p in answer.passages], np.exp(scores) / np.exp(scores).sum(),
+                                   atol=1e-3)
+    retriever.shutdown()
+
+
 def test_rag_ray_ask_prints_answers_and_passages(tiny, capsys):
     index, model_dir = tiny
     question = TOY_QUESTIONS[1]["question"]
