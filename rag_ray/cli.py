@@ -26,6 +26,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _add_hybrid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hybrid", action="store_true",
+                   help="fuse each shard's BM25 candidates with the dense ones (hits keep their q·d score)")
+    p.add_argument("--lexical-k", type=int, help="BM25 candidates per question with --hybrid (default: as many as k)")
+
+
 def _choices(cls: type, name: str) -> list[str]:
     """A config field's allowed values, from its Literal type (one list, kept with the config)."""
     tp = typing.get_type_hints(cls)[name]
@@ -139,7 +145,8 @@ def cmd_eval_retrieval(args) -> int:
     _ray(args)
     retriever = Retriever.load(args.index, query_encoder=encoder)
     ks = tuple(k for k in KS if k <= args.max_k)
-    report = evaluate_retrieval(retriever, encoder, examples, args.index, ks=ks, bm25=not args.no_bm25)
+    report = evaluate_retrieval(retriever, encoder, examples, args.index, ks=ks, bm25=not args.no_bm25,
+                                hybrid=args.hybrid, lexical_k=args.lexical_k)
     retriever.shutdown()
     print(json.dumps(report) if args.json else format_table(report))
     return 0
@@ -171,7 +178,8 @@ def cmd_eval_qa(args) -> int:
     report = run_eval(load_config(EvalConfig, overrides={
         "model": args.model, "index": args.index, "questions": args.questions, "limit": args.limit,
         "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, **_ray_overrides(args)}))
+        "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, "hybrid": args.hybrid,
+        "lexical_k": args.lexical_k, **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:
@@ -183,6 +191,7 @@ def cmd_ask(args) -> int:
     questions = _questions(args)
     pipeline, mode = _pipeline(args, args.mode)
     pipeline.span_recovery = not args.no_span_recovery
+    pipeline.hybrid, pipeline.lexical_k = args.hybrid, args.lexical_k
     answers = pipeline.answer(questions, mode=mode, n_docs=args.n_docs, decoding=args.decoding,
                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     pipeline.close()
@@ -319,13 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("eval-retrieval", help="recall@k of dense retrieval vs. BM25 on a question file")
+    p = sub.add_parser("eval-retrieval", help="recall@k of dense retrieval vs. BM25 (and --hybrid) on a question file")
     p.add_argument("--index", required=True)
     p.add_argument("--questions", required=True, help="JSONL: {question, answers, doc_id} or {question, answer}; or squad-open:dev")
     p.add_argument("--limit", type=int, help="first N questions only")
     p.add_argument("--max-k", type=int, default=100)
     p.add_argument("--encoder", help="query encoder checkpoint (default: the index's passage encoder)")
     p.add_argument("--no-bm25", action="store_true")
+    _add_hybrid(p)
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)
 
@@ -347,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=16)
         p.add_argument("--no-span-recovery", action="store_true",
                        help="answer with the tokenizer's decode, not the passage's own text of the answer")
+        _add_hybrid(p)
         _add_common(p)
         p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)
 

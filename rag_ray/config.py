@@ -165,6 +165,11 @@ class TrainModel:
     copy_head: bool | None = None
     mode: Mode = Mode.SEQUENCE
     n_docs: int = 5
+    #: hybrid candidates: each search also sends the questions, and the BM25 top ``lexical_k``
+    #: (None: n_docs) is fused with the dense top n_docs; p(z|x) stays softmax(scale · q·d), so
+    #: the answer loss also trains the query encoder on passages only BM25 found
+    hybrid: bool = False
+    lexical_k: int | None = None
     freeze_query_encoder: bool = False
     label_smoothing: float = 0.0
     #: p(z|x) = softmax(scale · q·d): the scale to start from. None: 20.0 for a fresh model, the
@@ -179,7 +184,7 @@ class TrainModel:
     max_target_length: int | None = None
 
     def validate(self) -> list[str]:
-        problems = _at_least(1, self, "n_docs", "max_source_length", "max_target_length")
+        problems = _at_least(1, self, "n_docs", "lexical_k", "max_source_length", "max_target_length")
         problems += _positive(self, "doc_score_scale")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
@@ -422,6 +427,8 @@ class EvalConfig:
     local cache; ``index`` None means the index the model was trained against (its metadata).
     ``mode``, ``n_docs`` and ``decoding`` None mean the model's own. ``retrieval`` adds the dense vs.
     BM25 recall table of the same questions; ``report`` also writes the result there as JSON.
+    ``hybrid``: retrieval fuses BM25 candidates (top ``lexical_k``, None: as many as asked for)
+    with the dense ones, and the recall table gets a hybrid column.
     """
 
     model: str = ""
@@ -436,13 +443,15 @@ class EvalConfig:
     #: answers found in a retrieved passage are scored as written there (RagPipeline's span recovery)
     span_recovery: bool = True
     retrieval: bool = False
+    hybrid: bool = False
+    lexical_k: int | None = None
     report: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> list[str]:
         problems = [] if self.model else ["model: give a saved RagModel directory (a checkpoint's model/)"]
         problems += [] if self.questions else ["questions: give a question file or squad-open:dev"]
-        problems += _at_least(1, self, "limit", "n_docs", "num_beams", "max_new_tokens")
+        problems += _at_least(1, self, "limit", "n_docs", "lexical_k", "num_beams", "max_new_tokens")
         if self.decoding is not None and self.decoding not in DECODINGS:
             problems.append(f"decoding: {self.decoding!r} is not one of {list(DECODINGS)}")
         elif self.mode is not None and self.decoding is not None and self.decoding not in self.mode.decodings:

@@ -1,6 +1,7 @@
-"""Retrieval evaluation: recall@k by gold document and by answer string, dense vs. BM25.
+"""Retrieval evaluation: recall@k by gold document and by answer string, dense vs. BM25 (and
+hybrid: both fused, with where each gold hit came from).
 
-Both retrievers rank the very same passages (BM25 reads them back from the index's shard files),
+All retrievers rank the very same passages (BM25 reads them back from the index's shard files),
 so the comparison isolates the ranking function.
 """
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from rag_ray.datasets import QAExample
+from rag_ray.lexical import SOURCES, Bm25Index
 from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
 from rag_ray.types import Mode, SearchResult
@@ -77,26 +79,42 @@ def recall_table(ranked_doc_ids: list[list[str]], ranked_texts: list[list[str]],
 
 
 def bm25_rankings(passages: dict[str, list[str]], questions: Sequence[str], k: int) -> tuple[list[list[int]], float]:
-    """Row numbers of the BM25 top-k for each question, and seconds spent searching."""
-    import bm25s
-
-    corpus = [f"{t} {x}" for t, x in zip(passages["title"], passages["text"])]
-    bm25 = bm25s.BM25()
-    bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+    """Row numbers of the BM25 top-k for each question (passages sharing no term with it left
+    out), and seconds spent searching. One index over all passages: global IDF, unlike the
+    per-shard BM25 of hybrid retrieval."""
+    index = Bm25Index(passages["title"], passages["text"])
     start = time.perf_counter()
-    rows, _ = bm25.retrieve(bm25s.tokenize(list(questions), stopwords="en", show_progress=False),
-                            k=min(k, len(corpus)), show_progress=False)
-    return rows.tolist(), time.perf_counter() - start
+    _, rows = index.search(questions, k)
+    return [[r for r in row if r >= 0] for row in rows.tolist()], time.perf_counter() - start
+
+
+def gold_sources(ranked_doc_ids: list[list[str]], ranked_sources: list[list[str]], examples: Sequence[QAExample],
+                 ks: Sequence[int] = KS) -> dict[str, dict[str, float]]:
+    """Per k, among questions whose gold doc is in the hybrid top-k (``found``): the share whose
+    best-ranked gold passage came from the dense list only, the BM25 list only, or both."""
+    out: dict[str, dict[str, float]] = {}
+    for k in ks:
+        counts = dict.fromkeys(SOURCES[1:], 0)
+        for i, e in enumerate(examples):
+            ids = ranked_doc_ids[i][:k]
+            if e.doc_id is not None and e.doc_id in ids:
+                counts[ranked_sources[i][ids.index(e.doc_id)]] += 1
+        found = sum(counts.values())
+        out[f"@{k}"] = {"found": found, **{s: c / found if found else 0.0 for s, c in counts.items()}}
+    return out
 
 
 def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], index_dir: str | Path,
-                       ks: Sequence[int] = KS, batch_size: int = 64, bm25: bool = True) -> dict:
-    """Dense (through the sharded retriever) and BM25 recall tables for the same questions."""
+                       ks: Sequence[int] = KS, batch_size: int = 64, bm25: bool = True, hybrid: bool = False,
+                       lexical_k: int | None = None) -> dict:
+    """Dense (through the sharded retriever) and BM25 recall tables for the same questions;
+    ``hybrid`` adds the fused retriever's table and where its gold hits came from."""
     k = max(ks)
     questions = [e.question for e in examples]
     doc_ids: list[list[str]] = []
     texts: list[list[str]] = []
-    start, encode_s = time.perf_counter(), 0.0
+    fused: dict[str, list[list[str]]] = {"doc_ids": [], "texts": [], "sources": []}
+    start, encode_s, hybrid_s = time.perf_counter(), 0.0, 0.0
     for i in range(0, len(questions), batch_size):
         t0 = time.perf_counter()
         q = query_encoder.encode(questions[i : i + batch_size])
@@ -104,15 +122,25 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
         res = retriever.search(q, k, vectors=False)
         doc_ids += [[h.doc_id for h in hits] for hits in res.hits]
         texts += [[h.text for h in hits] for hits in res.hits]
+        if hybrid:
+            t1 = time.perf_counter()
+            res = retriever.search(q, k, vectors=False, questions=questions[i : i + batch_size], lexical_k=lexical_k)
+            hybrid_s += time.perf_counter() - t1
+            for name, attr in (("doc_ids", "doc_id"), ("texts", "text"), ("sources", "source")):
+                fused[name] += [[getattr(h, attr) for h in hits] for hits in res.hits]
         if (i // batch_size) % 5 == 4:
             done = i + batch_size
             log.info("dense retrieval: %d/%d questions (%.1f q/s)", done, len(questions),
                      done / (time.perf_counter() - start))
-    dense_s = time.perf_counter() - start
+    dense_s = time.perf_counter() - start - hybrid_s
     report = {"questions": len(examples), "index": str(index_dir), "k": list(ks),
               "dense": recall_table(doc_ids, texts, examples, ks),
               "dense_seconds": {"total": round(dense_s, 2), "encode": round(encode_s, 2),
                                 "search": round(dense_s - encode_s, 2)}}
+    if hybrid:
+        report["hybrid"] = recall_table(fused["doc_ids"], fused["texts"], examples, ks)
+        report["hybrid_sources"] = gold_sources(fused["doc_ids"], fused["sources"], examples, ks)
+        report["hybrid_seconds"] = round(hybrid_s, 2)
     if bm25:
         passages = index_passages(index_dir)
         rows, bm25_s = bm25_rankings(passages, questions, k)
@@ -123,27 +151,34 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
 
 
 def format_table(report: dict) -> str:
-    systems = [s for s in ("dense", "bm25") if s in report]
+    systems = [s for s in ("dense", "bm25", "hybrid") if s in report]
     keys = list(report["dense"].keys())
     lines = [f"{'metric':<20}" + "".join(f"{s:>10}" for s in systems)]
     for key in keys:
         lines.append(f"{key:<20}" + "".join(f"{report[s][key]:>10.3f}" for s in systems))
+    if "hybrid_sources" in report:
+        lines.append(f"{'hybrid gold hit from':<20}" + "".join(f"{s:>10}" for s in (*SOURCES[1:], "found")))
+        for at, row in report["hybrid_sources"].items():
+            lines.append(f"{'  top' + at[1:]:<20}" + "".join(f"{row[s]:>10.3f}" for s in SOURCES[1:])
+                         + f"{row['found']:>10d}")
     lines.append(f"({report['questions']} questions, index {report['index']})")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- answers
 
-def retrieve(model, retriever, questions: Sequence[str], k: int) -> SearchResult:
+def retrieve(model, retriever, questions: Sequence[str], k: int, hybrid: bool = False,
+             lexical_k: int | None = None) -> SearchResult:
     """Top-k passages for questions under the model's current query encoder (no gradient: the
     index side is frozen; training recomputes q·d with gradient from the returned vectors)."""
     from rag_ray.pipeline import RagPipeline
 
-    return RagPipeline(model, retriever).retrieve(questions, k)
+    return RagPipeline(model, retriever, hybrid=hybrid, lexical_k=lexical_k).retrieve(questions, k)
 
 
 def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
-                num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16, span_recovery: bool = True) -> dict:
+                num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16, span_recovery: bool = True,
+                hybrid: bool = False, lexical_k: int | None = None) -> dict:
     """Dev metrics of a RAG model on rows {question, answers, doc_id}:
 
     EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
@@ -151,7 +186,8 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     recall@5 / recall@n_docs of the retrieved passages by gold document (retrieval asks for
     max(5, n_docs) passages; the model reads the first n_docs). Each question is embedded once:
     the same vector searches, generates and scores. ``span_recovery``: answers read back from the
-    passage that holds them (RagPipeline's), as the CLI and Serve return them.
+    passage that holds them (RagPipeline's), as the CLI and Serve return them. ``hybrid``: BM25
+    candidates fused with the dense ones (RagPipeline's).
     """
     import torch
 
@@ -159,7 +195,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     from rag_ray.pipeline import RagPipeline
 
     mode = Mode.parse(mode)
-    pipeline = RagPipeline(model, retriever, span_recovery=span_recovery)
+    pipeline = RagPipeline(model, retriever, span_recovery=span_recovery, hybrid=hybrid, lexical_k=lexical_k)
     was_training = model.training
     model.eval()
     k = max(5, n_docs)
@@ -172,7 +208,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
             rows = examples[i : i + batch_size]
             questions = [r["question"] for r in rows]
             vectors = pipeline.embed(questions)
-            res = retriever.search(vectors, k) if mode.retrieves else None
+            res = pipeline.search(questions, vectors, k) if mode.retrieves else None
             answers = pipeline.read(questions, vectors, res, mode=mode, n_docs=n_docs, decoding=decoding,
                                     num_beams=num_beams, max_new_tokens=max_new_tokens)
             q = torch.from_numpy(vectors).to(model.device)
@@ -227,9 +263,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
         report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                             span_recovery=cfg.span_recovery)
+                             span_recovery=cfg.span_recovery, hybrid=cfg.hybrid, lexical_k=cfg.lexical_k)
         if cfg.retrieval:
-            report["retrieval"] = evaluate_retrieval(retriever, model.query_encoder, examples, index)
+            report["retrieval"] = evaluate_retrieval(retriever, model.query_encoder, examples, index, hybrid=cfg.hybrid,
+                                                     lexical_k=cfg.lexical_k)
     finally:
         if retriever is not None:
             retriever.shutdown()

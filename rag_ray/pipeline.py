@@ -51,12 +51,17 @@ class RagAnswer:
 
 class RagPipeline:
     """A RagModel plus a Retriever (None for closed-book models). ``span_recovery``: answers that
-    occur in a retrieved passage are returned as written there (False: the tokenizer's decode)."""
+    occur in a retrieved passage are returned as written there (False: the tokenizer's decode).
+    ``hybrid``: searches also send the question strings, so BM25 candidates (top ``lexical_k``,
+    default the k asked for) are fused with the dense ones."""
 
-    def __init__(self, model, retriever=None, *, span_recovery: bool = True) -> None:
+    def __init__(self, model, retriever=None, *, span_recovery: bool = True, hybrid: bool = False,
+                 lexical_k: int | None = None) -> None:
         self.model = model
         self.retriever = retriever
         self.span_recovery = span_recovery
+        self.hybrid = hybrid
+        self.lexical_k = lexical_k
 
     def embed(self, questions: Sequence[str]) -> np.ndarray:
         """[B, D] float32 query vectors from the model's (possibly fine-tuned) query encoder."""
@@ -64,7 +69,13 @@ class RagPipeline:
 
     def retrieve(self, questions: Sequence[str], k: int) -> SearchResult:
         """Top-k passages and their stored vectors for each question."""
-        return self._retriever().search(self.embed(questions), k)
+        return self.search(questions, self.embed(questions), k)
+
+    def search(self, questions: Sequence[str], question_vectors: np.ndarray, k: int) -> SearchResult:
+        """The retriever's top-k for already embedded questions; hybrid when the pipeline is."""
+        if self.hybrid:
+            return self._retriever().search(question_vectors, k, questions=list(questions), lexical_k=self.lexical_k)
+        return self._retriever().search(question_vectors, k)
 
     def answer(self, questions: Sequence[str], *, mode: str | Mode | None = None, n_docs: int | None = None,
                decoding: str | None = None, num_beams: int | None = None,
@@ -73,7 +84,7 @@ class RagPipeline:
         mode = Mode.parse(mode or self.model.config.mode)
         n_docs = n_docs or self.model.config.n_docs
         vectors = self.embed(questions)
-        result = self._retriever().search(vectors, n_docs) if mode.retrieves else None
+        result = self.search(questions, vectors, n_docs) if mode.retrieves else None
         return self.read(questions, vectors, result, mode=mode, n_docs=n_docs, decoding=decoding,
                          num_beams=num_beams, max_new_tokens=max_new_tokens)
 

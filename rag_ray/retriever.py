@@ -6,7 +6,9 @@ merges the per-shard top-k here, then fetches payload (passages and stored vecto
 winners only. ``search_async`` does the same by awaiting ObjectRefs, for event loops (Serve
 replicas) where ``ray.get`` must not block. Either every shard answers and the result is the full
 merged top-k (equal to one ``faiss.IndexFlatIP`` with Flat shards), or a ``ShardUnavailable``
-error says which shard did not: never a partial result.
+error says which shard did not: never a partial result. Given the question strings as well, a
+search is hybrid: each shard also returns its BM25 top-k, and the client fuses both lists
+(:mod:`rag_ray.lexical`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Generator, Iterator, Sequence
 import numpy as np
 
 from rag_ray.errors import RagRayError
+from rag_ray.lexical import SOURCES, merge_hybrid
 from rag_ray.manifest import IndexManifest
 from rag_ray.shard import merge_topk
 from rag_ray.types import Hit, SearchResult
@@ -71,12 +74,18 @@ class Retriever:
         info = getattr(query_encoder, "info", query_encoder)
         return ShardSet.start(index_dir, query_encoder=info, num_cpus=num_cpus, detached=detached).retriever()
 
-    def search(self, query_vectors: np.ndarray, k: int = 10, vectors: bool = True) -> SearchResult:
+    def search(self, query_vectors: np.ndarray, k: int = 10, vectors: bool = True,
+               questions: Sequence[str] | None = None, lexical_k: int | None = None) -> SearchResult:
         """Top-k passages for each query vector: hits plus stored vectors [B, k, D] float32
-        (``vectors=False`` when the caller needs only the hits: none are copied or sent)."""
+        (``vectors=False`` when the caller needs only the hits: none are copied or sent).
+
+        ``questions`` (one string per query vector) makes the search hybrid: the top-k is fused
+        by reciprocal rank from the dense top-k and the BM25 top-``lexical_k`` (default k) of the
+        questions, each hit still scored by q·d and marked with its ``source``.
+        """
         import ray
 
-        steps = self._search_steps(query_vectors, k, vectors)
+        steps = self._search_steps(query_vectors, k, vectors, questions, lexical_k)
         try:
             refs = next(steps)
             while True:
@@ -86,9 +95,10 @@ class Retriever:
         except StopIteration as done:
             return done.value
 
-    async def search_async(self, query_vectors: np.ndarray, k: int = 10, vectors: bool = True) -> SearchResult:
+    async def search_async(self, query_vectors: np.ndarray, k: int = 10, vectors: bool = True,
+                           questions: Sequence[str] | None = None, lexical_k: int | None = None) -> SearchResult:
         """``search`` for an event loop: awaits the ObjectRefs, never blocks the loop in ray.get."""
-        steps = self._search_steps(query_vectors, k, vectors)
+        steps = self._search_steps(query_vectors, k, vectors, questions, lexical_k)
         try:
             refs = next(steps)
             while True:
@@ -98,25 +108,37 @@ class Retriever:
         except StopIteration as done:
             return done.value
 
-    def _search_steps(self, query_vectors: np.ndarray, k: int, vectors: bool) -> Generator[list, list, SearchResult]:
+    def _search_steps(self, query_vectors: np.ndarray, k: int, vectors: bool, questions: Sequence[str] | None = None,
+                      lexical_k: int | None = None) -> Generator[list, list, SearchResult]:
         """The search as steps that yield ObjectRefs and receive their values, so the sync and the
         async path share every line of logic and differ only in how they wait.
 
-        Small batches (batch x k <= ONE_ROUND_ROWS) take one round trip: each shard returns its
-        top-k with their payload. Larger ones take two: scores first, then payload for the merged
-        winners only, so the payload sent does not grow with the number of shards.
+        Small batches (batch x candidates <= ONE_ROUND_ROWS) take one round trip: each shard
+        returns its candidates with their payload. Larger ones take two: scores first, then
+        payload for the merged winners only, so the payload sent does not grow with the number
+        of shards.
         """
         import ray
 
         q = self._check(query_vectors, k)
         arg = ray.put(q) if len(self.shards) > 1 and q.nbytes > INLINE_BYTES else q
-        if len(q) * k <= ONE_ROUND_ROWS:
+        sources = payload = None
+        if questions is not None:
+            questions, lexical_k = self._check_questions(questions, len(q), k if lexical_k is None else lexical_k)
+            if len(q) * (k + lexical_k) <= ONE_ROUND_ROWS:
+                parts = yield [s.hybrid_search_payload.remote(arg, questions, k, lexical_k, vectors) for s in self.shards]
+                payload = {s: p[5] for s, p in enumerate(parts)}
+            else:
+                parts = yield [s.hybrid_search.remote(arg, questions, k, lexical_k) for s in self.shards]
+            scores, shard_ids, rows, sources = merge_hybrid(*([p[i] for p in parts] for i in range(5)), k, lexical_k)
+        elif len(q) * k <= ONE_ROUND_ROWS:
             parts = yield [s.search_payload.remote(arg, k, vectors) for s in self.shards]
             scores, shard_ids, rows = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
             payload = {s: p[2] for s, p in enumerate(parts)}
         else:
             parts = yield [s.search.remote(arg, k) for s in self.shards]
             scores, shard_ids, rows = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+        if payload is None:
             wanted = {s: sorted({int(r) for r in rows[shard_ids == s]}) for s in range(len(self.shards))}
             fetch = [s for s, rs in wanted.items() if rs]
             fetched = yield [self.shards[s].fetch.remote(wanted[s], vectors) for s in fetch]
@@ -134,11 +156,21 @@ class Retriever:
                 p = payload[s]
                 at = position[s][int(rows[i, j])]
                 row_hits.append(Hit(p["passage_id"][at], p["doc_id"][at], p["title"][at], p["text"][at],
-                                    float(scores[i, j])))
+                                    float(scores[i, j]), SOURCES[sources[i, j]] if sources is not None else "dense"))
                 if out is not None:
                     out[i, len(row_hits) - 1] = p["vectors"][at]
             hits.append(row_hits)
         return SearchResult(hits=hits, vectors=out)
+
+    def _check_questions(self, questions: Sequence[str], batch: int, lexical_k: int) -> tuple[list[str], int]:
+        if isinstance(questions, str) or not all(isinstance(x, str) for x in questions):
+            raise RagRayError("questions must be a list of strings, one per query vector")
+        if len(questions) != batch:
+            raise RagRayError(f"got {len(questions)} questions for {batch} query vectors; give one question per "
+                              "query vector (the question the vector embeds)")
+        if not 1 <= lexical_k <= MAX_K:
+            raise RagRayError(f"lexical_k must be in 1..{MAX_K}, got {lexical_k}")
+        return list(questions), lexical_k
 
     def _check(self, query_vectors: np.ndarray, k: int) -> np.ndarray:
         q = np.asarray(query_vectors, dtype=np.float32)

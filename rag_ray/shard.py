@@ -23,6 +23,7 @@ import numpy as np
 
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_path, sha256_file
+from rag_ray.lexical import LazyBm25
 
 IndexType = Literal["flat", "hnsw", "ivfpq"]
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
@@ -44,6 +45,10 @@ class IndexShard:
 
     IVF-PQ shards re-rank ``refine`` x k candidates by their exact inner product with the stored
     fp16 vectors, which PQ codes alone would rank only approximately.
+
+    :meth:`lexical_search` ranks the same passages by BM25 (an index built from the passages on
+    the first lexical query, so nothing more is saved); :meth:`hybrid_search` returns both
+    candidate lists, with the q·d of the BM25 hits so the client scores them like dense hits.
 
     ``threads`` is the shard's OpenMP budget for FAISS (search and build); None leaves the
     process default (a Ray actor without CPUs gets 1). ``spill_dir`` is where rows wait for
@@ -77,6 +82,7 @@ class IndexShard:
         self.passages = _empty_passages()
         self.vectors = np.zeros((0, dim), dtype=np.float16)
         self.directory: str | None = None
+        self._bm25 = LazyBm25()
         if restore_from is not None:
             self.restore(restore_from, files)
 
@@ -139,6 +145,7 @@ class IndexShard:
         if spill is not None:
             spill.cleanup()
         self.passages = table
+        self._bm25.reset()
         self.vectors = _load_npy(out_path)
         self._tune(index)
         self.index = index
@@ -219,16 +226,53 @@ class IndexShard:
 
     def _rerank(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact q·d over the stored vectors of the candidate rows; the top k of them."""
-        safe = np.where(rows < 0, 0, rows)
-        order = np.argsort(safe, axis=None)  # read the memory-mapped rows in file order
-        flat = np.empty((safe.size, self.dim), np.float32)
-        flat[order] = self.vectors[safe.ravel()[order]]
-        scores = np.einsum("bkd,bd->bk", flat.reshape(*rows.shape, self.dim), queries)
-        scores[rows < 0] = -np.inf
+        scores = self._dots(queries, rows)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         top_scores, top_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows, top, 1)
         top_scores[top_rows < 0] = -np.inf
         return top_scores.astype(np.float32), top_rows
+
+    def _dots(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """q·d [B, L] of each query with the vectors of its rows [B, L] (-inf where row -1): the
+        fp32 vectors the index holds (flat, hnsw: the scores its search gives), else (ivfpq) the
+        stored fp16 ones its re-ranking uses."""
+        safe = np.where(rows < 0, 0, rows)
+        order = np.argsort(safe, axis=None)  # read the memory-mapped rows in file order
+        flat = np.empty((safe.size, self.dim), np.float32)
+        if self.index_type == "ivfpq":
+            flat[order] = self.vectors[safe.ravel()[order]]
+        elif safe.size:
+            flat[order] = self.index.reconstruct_batch(np.ascontiguousarray(safe.ravel()[order], dtype=np.int64))
+        scores = np.einsum("bkd,bd->bk", flat.reshape(*rows.shape, self.dim), queries)
+        scores[rows < 0] = -np.inf
+        return scores.astype(np.float32)
+
+    def lexical_search(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Question strings -> BM25 (scores [B, k'], local rows [B, k']) over "title text" of this
+        shard's passages; -1 = empty (rows that share no term with the question are left out)."""
+        if self.index is None:
+            raise RuntimeError("shard is not finalized: call finalize() or load() before lexical_search()")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return self._bm25.get(self.passages).search(questions, k)
+
+    def hybrid_search(self, queries: np.ndarray, questions: list[str], k: int,
+                      lexical_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Dense top-k and BM25 top-``lexical_k`` for the same queries: (scores, rows, BM25 scores,
+        BM25 rows, q·d of the BM25 rows [B, l']); the client fuses them (lexical.merge_hybrid)."""
+        scores, rows = self.search(queries, k)
+        if len(questions) != len(scores):
+            raise RagRayError(f"got {len(questions)} questions for {len(scores)} query vectors; give one per query")
+        lex_scores, lex_rows = self.lexical_search(questions, lexical_k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return scores, rows, lex_scores, lex_rows, self._dots(queries, lex_rows)
+
+    def hybrid_search_payload(self, queries: np.ndarray, questions: list[str], k: int, lexical_k: int,
+                              vectors: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """``hybrid_search`` plus the payload of every row either list returns (one round trip)."""
+        found = self.hybrid_search(queries, questions, k, lexical_k)
+        unique = sorted({int(r) for r in found[1][found[1] >= 0]} | {int(r) for r in found[3][found[3] >= 0]})
+        return (*found, {"rows": unique, **self.fetch(unique, vectors)})
 
     def search_payload(self, queries: np.ndarray, k: int, vectors: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
         """``search`` plus the payload of every row it returns (``fetch`` of the unique rows, with
@@ -336,6 +380,7 @@ class IndexShard:
                              f"(dim {index.d}), stored vectors {vectors.shape}, {n} passages; expected dim {self.dim}")
         self.index, self.vectors, self._spill = index, vectors, None
         self.passages = table
+        self._bm25.reset()
         self.directory = str(directory.resolve())
         self._tune(index)
         return n

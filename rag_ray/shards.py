@@ -65,6 +65,18 @@ class ServedShard(IndexShard):
         self._check_loaded()
         return super().search_payload(queries, k, vectors)
 
+    def lexical_search(self, questions, k):
+        self._check_loaded()
+        return super().lexical_search(questions, k)
+
+    def hybrid_search(self, queries, questions, k, lexical_k):
+        self._check_loaded()
+        return super().hybrid_search(queries, questions, k, lexical_k)
+
+    def hybrid_search_payload(self, queries, questions, k, lexical_k, vectors=True):
+        self._check_loaded()
+        return super().hybrid_search_payload(queries, questions, k, lexical_k, vectors)
+
     def fetch(self, rows, vectors=True):
         self._check_loaded()
         return super().fetch(rows, vectors)

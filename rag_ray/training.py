@@ -220,8 +220,10 @@ class Prefetcher:
     """Runs the retrieval of batch t+1 on a thread while batch t computes (Ray calls release the
     GIL while they wait, so shard search overlaps the local forward/backward)."""
 
-    def __init__(self, model, retriever, k: int, enabled: bool) -> None:
+    def __init__(self, model, retriever, k: int, enabled: bool, hybrid: bool = False,
+                 lexical_k: int | None = None) -> None:
         self.model, self.retriever, self.k = model, retriever, k
+        self.hybrid, self.lexical_k = hybrid, lexical_k
         self.pool = ThreadPoolExecutor(max_workers=1) if enabled else None
 
     def submit(self, questions: Sequence[str]) -> Future | SearchResult | None:
@@ -231,13 +233,15 @@ class Prefetcher:
             return None  # retrieved synchronously in get()
         # Encode in the caller's thread (fast, avoids two threads in one module); search async.
         q = self.model.query_encoder.encode(list(questions), batch_size=len(questions))
+        if self.hybrid:
+            return self.pool.submit(self.retriever.search, q, self.k, questions=list(questions), lexical_k=self.lexical_k)
         return self.pool.submit(self.retriever.search, q, self.k)
 
     def get(self, pending, questions: Sequence[str]) -> SearchResult | None:
         if self.retriever is None:
             return None
         if pending is None:
-            return retrieve(self.model, self.retriever, questions, self.k)
+            return retrieve(self.model, self.retriever, questions, self.k, self.hybrid, self.lexical_k)
         return pending.result()
 
     def close(self) -> None:
@@ -431,7 +435,7 @@ def train_loop_per_worker(config: dict) -> None:
     state = _setup_worker(cfg)
     batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size)
     prefetch = Prefetcher(state.model, retriever if cfg.retrieves_in_training else None, cfg.model.n_docs,
-                          cfg.prefetch)
+                          cfg.prefetch, cfg.model.hybrid, cfg.model.lexical_k)
     retrieval_log: list[dict] = []
     data_start = time.perf_counter()
     batch = next(batches)  # starts Ray Data's streaming split: a fixed cost, reported on its own
@@ -464,7 +468,8 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
                                            mode=cfg.model.mode, n_docs=cfg.model.n_docs, decoding=cfg.eval.decoding,
                                            num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
-                                           span_recovery=cfg.eval.span_recovery))
+                                           span_recovery=cfg.eval.span_recovery, hybrid=cfg.model.hybrid,
+                                           lexical_k=cfg.model.lexical_k))
                 print(f"[rag_ray.train] eval at step {state.step}: "
                       f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_')} }", flush=True)
             if retrieval_log:

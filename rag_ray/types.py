@@ -67,13 +67,16 @@ class Passage:
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved passage with its inner-product score q·d."""
+    """One retrieved passage with its inner-product score q·d (also for passages BM25 found, so
+    p(z|x) is the same function of q·d whatever found them). ``source``: which candidate list of
+    a hybrid search held it, "dense", "lexical" or "both"; always "dense" for a dense search."""
 
     passage_id: str
     doc_id: str
     title: str
     text: str
     score: float
+    source: str = "dense"
 
 
 @dataclass(frozen=True)

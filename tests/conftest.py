@@ -75,9 +75,10 @@ def ray_local():
     ray.shutdown()
 
 
-def write_vector_index(root, vectors, shards: int = 2, version: str = "v0001"):
+def write_vector_index(root, vectors, shards: int = 2, version: str = "v0001", texts=None):
     """A Flat index of hand-made vectors in the versioned layout (``root/vNNNN`` + ``current``),
-    written with the real IndexShard and manifest code; returns (version dir, passage ids)."""
+    written with the real IndexShard and manifest code; returns (version dir, passage ids).
+    ``texts``: the passages' texts (default "text <passage id>")."""
     from pathlib import Path
 
     from rag_ray.manifest import EncoderInfo, IndexManifest, ShardInfo, set_current
@@ -86,11 +87,12 @@ def write_vector_index(root, vectors, shards: int = 2, version: str = "v0001"):
     root = Path(root)
     directory = root / version
     ids = [f"d{i:04d}::0" for i in range(len(vectors))]
+    texts = texts or [f"text {i}" for i in ids]
     infos = []
     for s in range(shards):
         rows = list(range(s, len(vectors), shards))
         shard = IndexShard(vectors.shape[1])
-        shard.add([ids[i] for i in rows], [ids[i][:5] for i in rows], ["t"] * len(rows), [f"text {ids[i]}" for i in rows],
+        shard.add([ids[i] for i in rows], [ids[i][:5] for i in rows], ["t"] * len(rows), [texts[i] for i in rows],
                   vectors[rows])
         shard.finalize()
         infos.append(ShardInfo(f"shard-{s:05d}", len(rows), shard.save(directory / f"shard-{s:05d}")))

@@ -168,12 +168,16 @@ def test_cli_index_search_eval_json(ray_local, toy_corpus, toy_questions, tmp_pa
     assert main(["search", "--index", str(out), "-k", "2", "--json", "Who created Python?"]) == 0
     hits = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["hits"]
     assert len(hits) == 2 and hits[0]["doc_id"] == "python"
-    assert main(["eval-retrieval", "--index", str(out), "--questions", toy_questions, "--json"]) == 0
+    assert main(["eval-retrieval", "--index", str(out), "--questions", toy_questions, "--json", "--hybrid"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["questions"] == 5
     assert report["dense"]["recall@1"] == 1.0 and report["dense"]["recall@5"] == 1.0
     assert 0.0 <= report["bm25"]["recall@1"] <= report["bm25"]["recall@5"] <= 1.0
     assert report["dense"]["answer_recall@5"] > 0
+    # --hybrid: a third table, and each gold doc found in the hybrid top-5 credited to one source
+    found = report["hybrid_sources"]["@5"]
+    assert found["found"] == round(5 * report["hybrid"]["recall@5"]) > 0
+    assert sum(found[s] for s in ("dense", "lexical", "both")) == pytest.approx(1.0)
 
 
 def test_embedding_pool_is_sized_from_the_cluster_unless_the_config_says():

@@ -12,9 +12,11 @@ import pytest
 from conftest import TOY_QUESTIONS, build_tiny_rag
 from rag_ray.cli import main
 from rag_ray.errors import RagRayError, user_error
+from rag_ray.evaluation import retrieve
 from rag_ray.model import RagModel
 from rag_ray.pipeline import RagPipeline
 from rag_ray.retriever import Retriever
+from rag_ray.training import Prefetcher
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,32 @@ def test_answer_carries_passages_with_prior_and_posterior(tiny):
     assert closed[0].passages == []
     with pytest.raises(RagRayError, match="no index"):
         RagPipeline(model).answer(questions[:1], mode="sequence")
+    retriever.shutdown()
+
+
+def test_hybrid_pipeline_reads_fused_candidates_with_the_same_prior(tiny):
+    """With ``hybrid`` the pipeline sends the questions along; every passage it reads, however it
+    was found, gets p(z|x) = softmax(scale · q·d) of its returned score."""
+    index, model_dir = tiny
+    model = RagModel.from_pretrained(model_dir, device="cpu")
+    retriever = Retriever.load(index, query_encoder=model.query_encoder)
+    pipeline = RagPipeline(model, retriever, hybrid=True, lexical_k=3)
+    questions = [q["question"] for q in TOY_QUESTIONS[:3]]
+    retrieved = pipeline.retrieve(questions, 2)
+    assert {h.source for hits in retrieved.hits for h in hits} <= {"dense", "lexical", "both"}
+    assert any(h.source != "dense" for hits in retrieved.hits for h in hits)  # BM25 took part
+    prefetch = Prefetcher(model, retriever, 2, True, hybrid=True, lexical_k=3)  # training's retrieval
+    for result in (prefetch.get(prefetch.submit(questions), questions), retrieve(model, retriever, questions, 2,
+                                                                                 hybrid=True, lexical_k=3)):
+        assert [[(h.passage_id, h.source) for h in hits] for hits in result.hits] == [
+            [(h.passage_id, h.source) for h in hits] for hits in retrieved.hits]
+    prefetch.close()
+    answers = pipeline.answer(questions, mode="sequence", n_docs=2, decoding="fast", max_new_tokens=4)
+    for answer, hits in zip(answers, retrieved.hits):
+        assert [p.passage_id for p in answer.passages] == [h.passage_id for h in hits]
+        scores = model.doc_score_scale * np.array([p.score for p in answer.passages])
+        np.testing.assert_allclose([p.prior for p in answer.passages], np.exp(scores) / np.exp(scores).sum(),
+                                   atol=1e-3)
     retriever.shutdown()
 
 

@@ -163,3 +163,32 @@ def test_search_payload_is_search_plus_fetch_and_can_skip_vectors():
     assert payload["passage_id"] == fetched["passage_id"]
     np.testing.assert_array_equal(payload["vectors"], fetched["vectors"])
     assert shard.search_payload(q, 5, vectors=False)[2]["vectors"] is None
+
+
+def test_lexical_search_ranks_a_rare_exact_term_first_and_scores_it_by_q_dot_d(tmp_path):
+    """BM25 over "title text" puts the one passage holding the question's rare term first and
+    leaves out passages that share no term; hybrid_search gives the q·d of the BM25 hits from the
+    vectors the index holds, and a loaded shard rebuilds the same lexical index from its passages."""
+    rng = np.random.default_rng(6)
+    vecs = rng.normal(size=(30, 8)).astype(np.float32)
+    ids = [f"d{i:03d}::0" for i in range(30)]
+    texts = [f"ordinary passage about rivers and hills {i}" for i in range(30)]
+    texts[17] = "the zanzibarite quarry lies under the hills"
+    shard = IndexShard(8)
+    shard.add(ids, [i[:4] for i in ids], ["t"] * 30, texts, vecs)
+    shard.finalize()
+    questions = ["Where is zanzibarite mined?", "Who won the cup final?"]
+    scores, rows = shard.lexical_search(questions, 5)
+    target = shard.passage_ids.index(ids[17])
+    assert rows[0, 0] == target and scores[0, 0] > 0 and (rows[0, 1:] == -1).all()
+    assert (rows[1] == -1).all()  # no shared term: no lexical candidate at all
+    q = rng.normal(size=(2, 8)).astype(np.float32)
+    d_scores, d_rows, _, lex_rows, lex_dots = shard.hybrid_search(q, questions, 3, 5)
+    np.testing.assert_array_equal(d_rows, shard.search(q, 3)[1])
+    assert lex_rows[0, 0] == target
+    np.testing.assert_allclose(lex_dots[0, 0], q[0] @ vecs[17], rtol=1e-5)
+    files = shard.save(tmp_path / "s")
+    loaded = IndexShard.load(tmp_path / "s", 8, "flat", files=files)
+    np.testing.assert_array_equal(loaded.lexical_search(questions, 5)[1], rows)
+    with pytest.raises(ValueError, match="got 1 questions for 2 query vectors"):
+        shard.hybrid_search(q, questions[:1], 3, 5)

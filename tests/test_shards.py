@@ -180,3 +180,54 @@ def test_shards_split_the_node_cpus_and_one_or_two_rounds_agree(ray_local, vecto
             assert _ids(hits_only) == expected and hits_only.vectors is None
     finally:
         shards.retire()
+
+
+def test_hybrid_retrieval_returns_a_passage_only_bm25_finds(ray_local, tmp_path, monkeypatch):
+    """Passage 13 holds the question's rare word but its stored vector points away from the query,
+    so the dense top-5 misses it; the hybrid top-5 has it, marked "lexical", scored by its q·d
+    (as p(z|x) needs) and with its stored vector. Passage 21 is both the query's nearest vector
+    and holds the second question's rare word: "both", ranked first. Dense hits keep their order;
+    the one-round, two-round and async paths agree."""
+    import rag_ray.retriever as retriever_module
+
+    rng = np.random.default_rng(11)
+    vectors = rng.normal(size=(40, 16)).astype(np.float32)
+    queries = rng.normal(size=(2, 16)).astype(np.float32)
+    vectors[13] = -3 * queries[0] / np.linalg.norm(queries[0])
+    vectors[21] = 2 * queries[1]
+    texts = [f"ordinary passage about rivers {i}" for i in range(40)]
+    texts[13] = "the zanzibarite quarry is in the north"
+    texts[21] = "the quokkafish lives in shallow reefs"
+    questions = ["Where is zanzibarite mined?", "What does a quokkafish eat?"]
+    root = tmp_path / "hybrid"
+    _, ids = write_vector_index(root, vectors, shards=2, texts=texts)
+    shards = ShardSet.start(root)
+    try:
+        client = shards.retriever()
+        dense = _ids(client.search(queries, 5))
+        assert ids[13] not in dense[0] and dense[1][0] == ids[21]
+        results = []
+        for rows in (0, 10**9):  # two rounds (scores, then the winners' payload); one round
+            monkeypatch.setattr(retriever_module, "ONE_ROUND_ROWS", rows)
+            results.append(client.search(queries, 5, questions=questions))
+        results.append(asyncio.run(client.search_async(queries, 5, questions=questions)))
+        for res in results:
+            assert _ids(res) == _ids(results[0])
+            hits = res.hits[0]
+            # RRF: BM25 rank 1 ties dense rank 1; q·d breaks the tie, so it comes second
+            assert [h.passage_id for h in hits] == [dense[0][0], ids[13], *dense[0][1:4]]
+            assert [h.source for h in hits] == ["dense", "lexical", "dense", "dense", "dense"]
+            np.testing.assert_allclose(hits[1].score, queries[0] @ vectors[13], rtol=1e-5)
+            np.testing.assert_allclose(res.vectors[0, 1], vectors[13], atol=1e-2)  # fp16 stored vector
+            np.testing.assert_allclose([h.score for h in hits], res.vectors[0] @ queries[0], rtol=1e-2)
+            assert (res.hits[1][0].passage_id, res.hits[1][0].source) == (ids[21], "both")
+            assert [h.source for h in res.hits[1][1:]] == ["dense"] * 4
+        with pytest.raises(RagRayError, match="got 1 questions for 2 query vectors"):
+            client.search(queries, 5, questions=questions[:1])
+        with pytest.raises(RagRayError, match="questions must be a list of strings"):
+            client.search(queries[:1], 5, questions=questions[0])
+        with pytest.raises(RagRayError, match="lexical_k must be in 1..2048"):
+            client.search(queries, 5, questions=questions, lexical_k=0)
+        assert _ids(client.search(queries, 5)) == dense  # without questions: dense, unchanged
+    finally:
+        shards.retire()
