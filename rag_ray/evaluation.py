@@ -104,6 +104,18 @@ def gold_sources(ranked_doc_ids: list[list[str]], ranked_sources: list[list[str]
     return out
 
 
+def recall_intervals(ranked_doc_ids: list[list[str]], examples: Sequence[QAExample],
+                     ks: Sequence[int] = KS) -> dict[str, list[float]]:
+    """95% bootstrap interval of recall@k by gold doc (questions that have one), per k."""
+    from rag_ray.metrics import bootstrap_ci95
+
+    with_gold = [i for i, e in enumerate(examples) if e.doc_id is not None]
+    if not with_gold:
+        return {}
+    return {f"recall@{k}": list(bootstrap_ci95([float(examples[i].doc_id in ranked_doc_ids[i][:k])
+                                                 for i in with_gold])) for k in ks}
+
+
 def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], index_dir: str | Path,
                        ks: Sequence[int] = KS, batch_size: int = 64, bm25: bool = True, hybrid: bool = False,
                        lexical_k: int | None = None) -> dict:
@@ -135,17 +147,20 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
     dense_s = time.perf_counter() - start - hybrid_s
     report = {"questions": len(examples), "index": str(index_dir), "k": list(ks),
               "dense": recall_table(doc_ids, texts, examples, ks),
+              "dense_ci95": recall_intervals(doc_ids, examples, ks),
               "dense_seconds": {"total": round(dense_s, 2), "encode": round(encode_s, 2),
                                 "search": round(dense_s - encode_s, 2)}}
     if hybrid:
         report["hybrid"] = recall_table(fused["doc_ids"], fused["texts"], examples, ks)
+        report["hybrid_ci95"] = recall_intervals(fused["doc_ids"], examples, ks)
         report["hybrid_sources"] = gold_sources(fused["doc_ids"], fused["sources"], examples, ks)
         report["hybrid_seconds"] = round(hybrid_s, 2)
     if bm25:
         passages = index_passages(index_dir)
         rows, bm25_s = bm25_rankings(passages, questions, k)
-        report["bm25"] = recall_table([[passages["doc_id"][r] for r in rr] for rr in rows],
-                                      [[passages["text"][r] for r in rr] for rr in rows], examples, ks)
+        ranked = [[passages["doc_id"][r] for r in rr] for rr in rows]
+        report["bm25"] = recall_table(ranked, [[passages["text"][r] for r in rr] for rr in rows], examples, ks)
+        report["bm25_ci95"] = recall_intervals(ranked, examples, ks)
         report["bm25_seconds"] = round(bm25_s, 2)
     return report
 
@@ -191,7 +206,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     """
     import torch
 
-    from rag_ray.metrics import exact_match, f1_score
+    from rag_ray.metrics import bootstrap_ci95, exact_match, f1_score
     from rag_ray.pipeline import RagPipeline
 
     mode = Mode.parse(mode)
@@ -199,9 +214,10 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     was_training = model.training
     model.eval()
     k = max(5, n_docs)
-    em = f1 = nll = 0.0
-    hits = {5: 0, n_docs: 0}
-    with_gold = 0
+    nll = 0.0
+    em: list[float] = []
+    f1: list[float] = []
+    hits: dict[int, list[float]] = {5: [], n_docs: []}
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
@@ -217,18 +233,21 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
             nll += float(out.nll.sum())
             for j, (r, a) in enumerate(zip(rows, answers)):
                 golds = list(r["answers"])
-                em += exact_match(a.answer, golds)
-                f1 += f1_score(a.answer, golds)
+                em.append(exact_match(a.answer, golds))
+                f1.append(f1_score(a.answer, golds))
                 if res is not None and r.get("doc_id"):
-                    with_gold += 1
                     for kk in hits:
-                        hits[kk] += any(h.doc_id == r["doc_id"] for h in res.hits[j][:kk])
+                        hits[kk].append(float(any(h.doc_id == r["doc_id"] for h in res.hits[j][:kk])))
     model.train(was_training)
     n = max(1, len(examples))
-    out = {"dev_em": em / n, "dev_f1": f1 / n, "dev_nll": nll / n, "dev_questions": len(examples),
+    out = {"dev_em": sum(em) / n, "dev_f1": sum(f1) / n, "dev_nll": nll / n, "dev_questions": len(examples),
            "dev_seconds": round(time.perf_counter() - start, 1)}
-    if with_gold:
-        out.update({f"dev_recall@{kk}": v / with_gold for kk, v in hits.items()})
+    scores = {"dev_em": em, "dev_f1": f1}
+    if hits[5]:
+        out.update({f"dev_recall@{kk}": sum(v) / len(v) for kk, v in hits.items()})
+        scores.update({f"dev_recall@{kk}": v for kk, v in hits.items()})
+    # 95% bootstrap intervals over the questions, e.g. "dev_em_ci95": [lo, hi]
+    out.update({f"{name}_ci95": list(bootstrap_ci95(v)) for name, v in scores.items() if v})
     return out
 
 

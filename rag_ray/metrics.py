@@ -65,3 +65,16 @@ def squad_scores(predictions: Sequence[str], golds: Sequence[str | Sequence[str]
         "em": 100.0 * sum(exact_match(p, g) for p, g in zip(predictions, golds)) / n,
         "f1": 100.0 * sum(f1_score(p, g) for p, g in zip(predictions, golds)) / n,
     }
+
+
+def bootstrap_ci95(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of per-question scores: resample the
+    questions with replacement. Two systems whose intervals overlap are not separated."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no scores to bootstrap")
+    means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)

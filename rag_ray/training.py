@@ -471,7 +471,7 @@ def train_loop_per_worker(config: dict) -> None:
                                            span_recovery=cfg.eval.span_recovery, hybrid=cfg.model.hybrid,
                                            lexical_k=cfg.model.lexical_k))
                 print(f"[rag_ray.train] eval at step {state.step}: "
-                      f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_')} }", flush=True)
+                      f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_') and not k.endswith('_ci95')} }", flush=True)
             if retrieval_log:
                 metrics["retrieval_log"] = retrieval_log
             _report(state, metrics, metadata, rank)
@@ -485,7 +485,8 @@ def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str
     """dev_recall@1/5/20 (gold doc) of the model's query encoder: the retriever objective's score."""
     examples = [QAExample(r["question"], tuple(r["answers"]), r["doc_id"] or None) for r in dev_rows]
     report = evaluate_retrieval(retriever, model.query_encoder, examples, index, ks=(1, 5, 20), bm25=False)
-    return {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
+    out = {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
+    return {**out, **{f"dev_{k}_ci95": v for k, v in report["dense_ci95"].items()}}
 
 
 def _setup_worker(cfg: TrainConfig) -> TrainState:

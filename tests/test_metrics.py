@@ -28,3 +28,18 @@ def test_squad_scores_and_errors():
         squad_scores(["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="at least one gold"):
         exact_match("a", [])
+
+
+def test_bootstrap_interval_matches_the_normal_approximation_and_is_reproducible():
+    import numpy as np
+
+    from rag_ray.metrics import bootstrap_ci95
+
+    scores = (np.random.default_rng(1).random(1000) < 0.3).astype(float)
+    lo, hi = bootstrap_ci95(scores)
+    mean, half = scores.mean(), 1.96 * np.sqrt(scores.mean() * (1 - scores.mean()) / len(scores))
+    assert lo < mean < hi
+    assert abs((hi - lo) / 2 - half) < 0.15 * half
+    assert bootstrap_ci95(scores) == (lo, hi)
+    lo4, hi4 = bootstrap_ci95(np.tile(scores, 4))  # 4x the questions: about half the width
+    assert 0.4 < (hi4 - lo4) / (hi - lo) < 0.6
