@@ -393,6 +393,10 @@ class ServeConfig:
     n_docs: int | None = None
     #: answers found in a retrieved passage are returned as written there (RagPipeline's span recovery)
     span_recovery: bool = True
+    #: fuse BM25 candidates (top ``lexical_k``, default the k asked for) with the dense ones by
+    #: default; a request's "hybrid" field overrides it
+    hybrid: bool = False
+    lexical_k: int | None = None
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.02
     max_ongoing_requests: int = 16
@@ -405,7 +409,7 @@ class ServeConfig:
 
     def validate(self) -> list[str]:
         problems = [] if self.model else ["model: give a saved RagModel directory (a checkpoint's model/)"]
-        problems += _at_least(1, self, "port", "max_batch_size", "max_ongoing_requests", "max_queued_requests")
+        problems += _at_least(1, self, "port", "max_batch_size", "max_ongoing_requests", "max_queued_requests", "lexical_k")
         problems += _positive(self, "request_timeout_s", "batch_wait_timeout_s")
         a = self.autoscaling
         problems += [f"autoscaling.{p}" for p in _at_least(1, a, "min_replicas", "max_replicas", "torch_threads")]

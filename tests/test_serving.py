@@ -75,6 +75,16 @@ def test_answer_retrieve_index_and_page_round_trips(service):
     assert status == 200 and [len(a["passages"]) for a in reply["answers"]] == [1, 1]
     status, reply, _ = http(url + "/v1/retrieve", {"questions": [q], "k": 3})
     assert status == 200 and len(reply["passages"][0]) == 3 and reply["index_version"] == "index/v0001"
+    assert {p["source"] for p in reply["passages"][0]} == {"dense"}
+    # hybrid on request: BM25 candidates fused in, each passage says which list found it, still scored by q·d
+    rare = "Which passage mentions word137?"  # one passage holds the term: BM25's first candidate
+    status, reply, _ = http(url + "/v1/retrieve", {"question": rare, "k": 3, "hybrid": True})
+    assert status == 200 and len(reply["passages"][0]) == 3, reply
+    found = [p for p in reply["passages"][0] if "word137" in p["text"].split()]
+    assert len(found) == 1 and found[0]["source"] in {"lexical", "both"}, reply
+    assert {p["source"] for p in reply["passages"][0]} <= {"dense", "lexical", "both"}
+    status, reply, _ = http(url + "/v1/answer", {"question": rare, "hybrid": True, "max_new_tokens": 3})
+    assert status == 200 and any("word137" in p["text"].split() for p in reply["passages"]), reply
     status, info, _ = http(url + "/v1/index")
     assert status == 200 and info["healthy"] and info["manifest"]["passages"] == 9 and len(info["shards"]) == 2
     status, page, _ = http(url + "/", key=None)

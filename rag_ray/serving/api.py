@@ -51,10 +51,14 @@ def request_models(limits: ServeLimits) -> tuple[type[BaseModel], type[BaseModel
         decoding=(Optional[Decoding], Field(None, description="default: the model's own mode and decoding")),
         num_beams=(Optional[int], Field(None, ge=1, le=limits.max_num_beams)),
         max_new_tokens=(Optional[int], Field(None, ge=1, le=limits.max_new_tokens)),
+        hybrid=(Optional[bool], Field(None, description="also BM25 candidates, fused by reciprocal rank "
+                                                         "(default: the service's hybrid setting)")),
     )
     retrieve = create_model(
         "RetrieveRequest", __base__=_OneOrMany, **common,
         k=(int, Field(5, ge=1, le=limits.max_k, description="passages per question")),
+        hybrid=(Optional[bool], Field(None, description="also BM25 candidates, fused by reciprocal rank "
+                                                         "(default: the service's hybrid setting)")),
     )
     return answer, retrieve
 
@@ -65,6 +69,7 @@ class PassageOut(BaseModel):
     title: str
     text: str
     score: float = Field(description="q·d, the retrieval score")
+    source: str = Field("dense", description="which candidate list found it: dense, lexical or both")
     prior: Optional[float] = Field(None, description="p(z|x)")
     posterior: Optional[float] = Field(None, description="p(z|x, answer)")
 
@@ -98,4 +103,4 @@ def decode_params(req) -> dict:
     """RagPipeline.read keyword arguments for an AnswerRequest (None: the model's default)."""
     mode, decoding = DECODINGS[req.decoding] if req.decoding else (None, None)
     return {"mode": mode, "decoding": decoding, "n_docs": req.n_docs, "num_beams": req.num_beams,
-            "max_new_tokens": req.max_new_tokens}
+            "max_new_tokens": req.max_new_tokens, "hybrid": req.hybrid}

@@ -154,7 +154,7 @@ def make_ingress(cfg: ServeConfig, key_hash: str | None):
         @api.post("/v1/retrieve", response_model=RetrieveOut)
         async def retrieve(self, req: RetrieveRequest):
             questions = req.all_questions
-            out, err = await call(self.model.retrieve.remote(questions, req.k))
+            out, err = await call(self.model.retrieve.remote(questions, req.k, req.hybrid))
             if err is not None:
                 return err
             return {"questions": questions, "passages": out["hits"], "index_version": out["index_version"],
@@ -276,7 +276,7 @@ def build_app(args: "dict | ServeConfig"):
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
     ).bind(str(model_dir), host, threads, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.n_docs,
-           cfg.span_recovery)
+           cfg.span_recovery, cfg.hybrid, cfg.lexical_k)
     return make_ingress(cfg, _key_hash(key) if key else None).bind(model, host)
 
 

@@ -20,13 +20,15 @@ from rag_ray.types import Mode
 @serve.deployment
 class RagModelServer:
     def __init__(self, model_dir: str, index_host, torch_threads: int, max_batch_size: int,
-                 batch_wait_timeout_s: float, n_docs: int | None = None, span_recovery: bool = True) -> None:
+                 batch_wait_timeout_s: float, n_docs: int | None = None, span_recovery: bool = True,
+                 hybrid: bool = False, lexical_k: int | None = None) -> None:
         import torch
 
         from rag_ray.model import RagModel
 
         torch.set_num_threads(torch_threads)
-        self.pipeline = RagPipeline(RagModel.from_pretrained(model_dir).eval(), span_recovery=span_recovery)
+        self.pipeline = RagPipeline(RagModel.from_pretrained(model_dir).eval(), span_recovery=span_recovery,
+                                    hybrid=hybrid, lexical_k=lexical_k)
         self.index_host = index_host
         self.n_docs = n_docs or self.pipeline.model.config.n_docs
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and the benchmark
@@ -35,18 +37,26 @@ class RagModelServer:
 
     async def answer(self, question: str, params: dict[str, Any]) -> dict:
         """One question; concurrent calls are batched. ``params``: mode, decoding, n_docs,
-        num_beams, max_new_tokens (None: the model's defaults)."""
+        num_beams, max_new_tokens (None: the model's defaults), hybrid (None: the service's)."""
         return await self._answer_batch((question, params))
 
-    async def retrieve(self, questions: list[str], k: int) -> dict:
+    async def retrieve(self, questions: list[str], k: int, hybrid: bool | None = None) -> dict:
         version, retriever = await self.index_host.current.remote()
         t0 = time.perf_counter()
         vectors = await asyncio.to_thread(self.pipeline.embed, questions)
         t1 = time.perf_counter()
-        result = await retriever.search_async(vectors, k, vectors=False)
+        result = await self._search(retriever, questions, vectors, k, hybrid, payload_vectors=False)
         t2 = time.perf_counter()
         return {"index_version": version, "hits": [[h.__dict__ for h in hits] for hits in result.hits],
                 "timings_ms": {"embed": _ms(t1 - t0), "search": _ms(t2 - t1)}}
+
+    async def _search(self, retriever, questions: list[str], vectors, k: int, hybrid: bool | None,
+                      payload_vectors: bool = True):
+        """Dense search, or hybrid (BM25 candidates fused in) when the request or the service asks."""
+        if self.pipeline.hybrid if hybrid is None else hybrid:
+            return await retriever.search_async(vectors, k, vectors=payload_vectors, questions=questions,
+                                                lexical_k=self.pipeline.lexical_k)
+        return await retriever.search_async(vectors, k, vectors=payload_vectors)
 
     def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes)}
@@ -63,11 +73,12 @@ class RagModelServer:
             params = dict(key)
             questions = [items[i][0] for i in rows]
             n_docs = params.pop("n_docs", None) or self.n_docs
+            hybrid = params.pop("hybrid", None)
             t0 = time.perf_counter()
             vectors = await asyncio.to_thread(self.pipeline.embed, questions)
             t1 = time.perf_counter()
             mode = Mode.parse(params.get("mode") or self.pipeline.model.config.mode)
-            result = await retriever.search_async(vectors, n_docs) if mode.retrieves else None
+            result = await self._search(retriever, questions, vectors, n_docs, hybrid) if mode.retrieves else None
             t2 = time.perf_counter()
             answers = await asyncio.to_thread(self.pipeline.read, questions, vectors, result, n_docs=n_docs, **params)
             t3 = time.perf_counter()
