@@ -198,7 +198,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
 
     EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
     gold answer under the model's own marginalisation (closed-book: the generator alone), and
-    recall@5 / recall@n_docs of the retrieved passages by gold document (retrieval asks for
+    recall@1 / @5 / @n_docs of the retrieved passages by gold document (retrieval asks for
     max(5, n_docs) passages; the model reads the first n_docs). Each question is embedded once:
     the same vector searches, generates and scores. ``span_recovery``: answers read back from the
     passage that holds them (RagPipeline's), as the CLI and Serve return them. ``hybrid``: BM25
@@ -217,7 +217,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     nll = 0.0
     em: list[float] = []
     f1: list[float] = []
-    hits: dict[int, list[float]] = {5: [], n_docs: []}
+    hits: dict[int, list[float]] = {1: [], 5: [], n_docs: []}
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
