@@ -113,7 +113,7 @@ def main() -> None:
         assert [[h.passage_id for h in hits] for hits in got.hits] == [[f"p{r:08d}" for r in row] for row in ref_rows]
 
         def sharded(b: int, rounds: int):
-            retriever_module.ONE_ROUND_ROWS = one_round if rounds == 0 else (10**9 if rounds == 1 else 0)
+            retriever.one_round_rows = one_round if rounds == 0 else (10**9 if rounds == 1 else 0)
             retriever.search(queries[:b], args.k)
 
         row = {"build_s": build_s, "threads_per_shard": threads, "single_ms": {}, "sharded_ms": {},
@@ -125,7 +125,6 @@ def main() -> None:
                                 "sharded": lambda b=b: sharded(b, 0),
                                 "one_round": lambda b=b: sharded(b, 1),
                                 "two_rounds": lambda b=b: sharded(b, 2)}, args.repeats)
-                retriever_module.ONE_ROUND_ROWS = one_round
                 row["single_ms"][b], row["sharded_ms"][b] = t["single"] * 1e3, t["sharded"] * 1e3
                 row.setdefault("single_tuned_ms", {})[b] = t["single_tuned"] * 1e3
                 row.setdefault("ratio_qps_vs_single_tuned", {})[b] = t["single_tuned"] / t["sharded"]

@@ -52,6 +52,8 @@ class Retriever:
         self.name = name
         self.timeout_s = timeout_s
         self.shard_set = shard_set  # kept so shutdown() can retire what load() started
+        #: batch x candidates up to which a search takes one round trip (bench_search varies it)
+        self.one_round_rows = ONE_ROUND_ROWS
 
     def __reduce__(self):  # the ShardSet stays with its owner; a copy in a task is a pure client
         return (Retriever, (self.shards, self.manifest, self.name, self.timeout_s))
@@ -125,13 +127,13 @@ class Retriever:
         sources = payload = None
         if questions is not None:
             questions, lexical_k = self._check_questions(questions, len(q), k if lexical_k is None else lexical_k)
-            if len(q) * (k + lexical_k) <= ONE_ROUND_ROWS:
+            if len(q) * (k + lexical_k) <= self.one_round_rows:
                 parts = yield [s.hybrid_search_payload.remote(arg, questions, k, lexical_k, vectors) for s in self.shards]
                 payload = {s: p[5] for s, p in enumerate(parts)}
             else:
                 parts = yield [s.hybrid_search.remote(arg, questions, k, lexical_k) for s in self.shards]
             scores, shard_ids, rows, sources = merge_hybrid(*([p[i] for p in parts] for i in range(5)), k, lexical_k)
-        elif len(q) * k <= ONE_ROUND_ROWS:
+        elif len(q) * k <= self.one_round_rows:
             parts = yield [s.search_payload.remote(arg, k, vectors) for s in self.shards]
             scores, shard_ids, rows = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
             payload = {s: p[2] for s, p in enumerate(parts)}
