@@ -26,6 +26,7 @@ from transformers import (
 
 from rag_ray.encoders import DEFAULT_ENCODER, Encoder, resolve_model_path
 from rag_ray.generator import Generator, PointerGenerator, _set_special_tokens
+from rag_ray.errors import RagRayError
 from rag_ray.model import Answer, RagConfig, RagModel
 
 DIM = 32
@@ -140,6 +141,31 @@ def test_query_encoder_gets_gradient(tokenizer, mode):
     grads = [p.grad for p in model.query_encoder.parameters() if p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
     assert out.doc_log_posterior.shape == (2, 4)
+
+
+def test_retrieval_loss_is_dpr_cross_entropy_and_masks_a_shared_gold_passage(tokenizer):
+    """-log softmax(scale · q·d) over every candidate of the batch at the question's own gold
+    passage, computed by hand; a candidate that is the same passage as a question's gold one
+    (another column) is masked, not counted as a negative."""
+    model = tiny_model(tokenizer, copy_head=False, doc_score_scale=7.0)  # eval mode: no dropout, same q twice
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(2, DIM, generator=g), torch.randn(2, 1, DIM, generator=g)
+    q = model.query_encoder.embed(QUESTIONS).detach().float()
+    cand = torch.cat([pos, neg.reshape(-1, DIM)])
+    logits = 7.0 * q @ cand.T
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(2))
+    loss = model.retrieval_loss(QUESTIONS, pos, ["a", "b"], neg, [["x"], ["y"]])
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.query_encoder.parameters())
+    assert model.log_doc_score_scale.grad is not None
+    # question 1's hard negative is question 0's gold passage: masked for question 0 only
+    masked = model.retrieval_loss(QUESTIONS, pos, ["a", "b"], neg, [["x"], ["a"]])
+    logits[0, 3] = float("-inf")
+    torch.testing.assert_close(masked, torch.nn.functional.cross_entropy(logits, torch.arange(2)), rtol=1e-4,
+                               atol=1e-5)
+    with pytest.raises(RagRayError, match="one gold passage per question"):
+        model.retrieval_loss(QUESTIONS, pos, ["a"], neg, [["x"], ["y"]])
 
 
 def test_closed_book_loss_is_plain_nll(tokenizer):
