@@ -213,6 +213,10 @@ def write_index(ds, cfg: IndexConfig, encoder: EncoderInfo, describe: Callable[[
                     shutil.rmtree(old, ignore_errors=True)
         return manifest
     finally:
+        try:  # ray.kill skips the actors' cleanup: delete their spill files first
+            ray.get([s.discard.remote() for s in shards], timeout=120)
+        except Exception as exc:  # noqa: BLE001 (a dead shard has nothing left to delete)
+            log.warning("could not clean a shard's spill files: %s", exc)
         for s in shards:
             ray.kill(s)
         ray.util.remove_placement_group(group)

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -83,6 +84,9 @@ class IndexShard:
         self.vectors = np.zeros((0, dim), dtype=np.float16)
         self.directory: str | None = None
         self._bm25 = LazyBm25()
+        # a build actor takes several add() calls at once: each batch's passages and vectors must
+        # land in the spill files together, at the same rows
+        self._add_lock = threading.Lock()
         if restore_from is not None:
             self.restore(restore_from, files)
 
@@ -99,11 +103,26 @@ class IndexShard:
             raise ValueError("passage_ids, doc_ids, titles and texts must have the same length")
         if self.index is not None:
             raise RuntimeError("shard is already finalized; build a new shard to add rows")
-        if self._spill is None:  # IVF-PQ is lossy anyway: its rows wait in fp16, half the disk
-            self._spill = _Spill(self.dim, self.spill_dir, np.float16 if self.index_type == "ivfpq" else np.float32)
         columns = (passage_ids, doc_ids, titles, texts)
         table = pa.table({name: pa.array([str(x) for x in col], pa.string()) for name, col in zip(PASSAGE_COLUMNS, columns)})
-        return self._spill.append(table, vectors)
+        with self._add_lock:
+            if self._spill is None:  # IVF-PQ is lossy anyway: its rows wait in fp16, half the disk
+                dtype = np.float16 if self.index_type == "ivfpq" else np.float32
+                self._spill = _Spill(self.dim, self.spill_dir, dtype)
+            return self._spill.append(table, vectors)
+
+    def discard(self) -> None:
+        """Delete what a build left on local disk (spilled rows, unsaved stored vectors): a build
+        that fails or is interrupted must not leave gigabytes in the node's temp directory."""
+        with self._add_lock:
+            spill, self._spill = self._spill, None
+        if spill is not None:
+            spill.close_quietly()
+            spill.cleanup()
+        if self._scratch is not None:
+            self.vectors = np.zeros((0, self.dim), dtype=np.float16)  # unmap before deleting
+            self._scratch.cleanup()
+            self._scratch = None
 
     def finalize(self, threads: int | None = None) -> int:
         """Sort the spilled rows by passage id and build the FAISS index; returns the row count.
@@ -418,6 +437,12 @@ class _Spill:
         vectors = np.memmap(self.vector_path, dtype=self.dtype, mode="r", shape=(self.rows, self.dim))
         return table, vectors
 
+    def close_quietly(self) -> None:
+        """Close the files without reading them back (the build is abandoned)."""
+        self._vectors.close()
+        if self._writer is not None:
+            self._writer.close()
+
     def cleanup(self) -> None:
         self.dir.cleanup()
 
@@ -429,14 +454,9 @@ def _empty_passages():
 
 
 def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
-    """Stored vectors, memory-mapped (pages load on demand and are shared with the page cache);
-    an empty array is read plainly, since numpy cannot map it."""
-    if mmap:
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError:  # "cannot mmap an empty file"
-            pass
-    return np.load(path, allow_pickle=False)
+    """Stored vectors, memory-mapped unless ``mmap`` is False (pages load on demand and are
+    shared with the page cache)."""
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -569,10 +569,12 @@ def run_training(cfg: TrainConfig) -> dict:
     evaluate = (cfg.data.dev is not None and cfg.eval.questions > 0
                 and (cfg.index is not None or not cfg.model.mode.retrieves))
     dev = read_questions(cfg.data.dev, limit=cfg.eval.questions) if evaluate else []
-    needs_index = cfg.retrieves_in_training or (cfg.model.mode.retrieves and bool(dev))
+    # a retriever run is scored by recall whatever the mode; any other reads answers over retrieval
+    scores_retrieval = cfg.model.mode.retrieves or cfg.objective is Objective.RETRIEVER
+    needs_index = cfg.retrieves_in_training or (scores_retrieval and bool(dev))
     retriever = Retriever.load(cfg.index) if needs_index else None
     # what every saved model records: how it was trained, and against which index version
-    trained_against = needs_index or cfg.objective is Objective.RETRIEVER
+    trained_against = needs_index or cfg.objective is Objective.RETRIEVER  # it learned the index's vectors
     metadata = {"train_config": to_dict(cfg), "index": index_identity(cfg.index) if trained_against else None}
     ckpt = cfg.checkpoint
     storage = ckpt.storage_path if "://" in ckpt.storage_path else str(Path(ckpt.storage_path).resolve())

@@ -192,3 +192,35 @@ def test_lexical_search_ranks_a_rare_exact_term_first_and_scores_it_by_q_dot_d(t
     np.testing.assert_array_equal(loaded.lexical_search(questions, 5)[1], rows)
     with pytest.raises(ValueError, match="got 1 questions for 2 query vectors"):
         shard.hybrid_search(q, questions[:1], 3, 5)
+
+
+def test_concurrent_adds_keep_each_passage_with_its_own_vector_and_discard_cleans_the_spill(tmp_path):
+    """A build actor takes several add() calls at once; every passage must come out of finalize
+    with the vector it was added with. discard() deletes what an abandoned build spilled."""
+    import threading
+
+    shard = IndexShard(16, spill_dir=str(tmp_path))
+    rng = np.random.default_rng(0)
+    batches = [(b, rng.normal(size=(50, 16)).astype(np.float32)) for b in range(40)]
+
+    def add(b, v):
+        ids = [f"b{b:02d}r{i:02d}" for i in range(len(v))]
+        shard.add(ids, ids, ["t"] * len(v), ids, v)
+
+    threads = [threading.Thread(target=add, args=batch) for batch in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert shard.finalize() == 2000
+    expected = {f"b{b:02d}r{i:02d}": v[i] for b, v in batches for i in range(len(v))}
+    got = shard.fetch(list(range(2000)))
+    for pid, vec in zip(got["passage_id"], got["vectors"]):
+        np.testing.assert_allclose(vec, expected[pid], atol=2e-3)  # stored as fp16
+
+    abandoned = IndexShard(16, spill_dir=str(tmp_path / "abandoned"))
+    (tmp_path / "abandoned").mkdir()
+    abandoned.add(["x"], ["x"], ["t"], ["x"], np.ones((1, 16), np.float32))
+    assert any((tmp_path / "abandoned").iterdir())
+    abandoned.discard()
+    assert not any((tmp_path / "abandoned").iterdir())
