@@ -29,7 +29,7 @@ from rag_ray.config import Objective, TrainConfig, to_dict
 from rag_ray.datasets import QAExample, read_questions
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
-from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, retrieve
+from rag_ray.evaluation import evaluate_qa, evaluate_retrieval
 from rag_ray.types import Passage, SearchResult
 
 if TYPE_CHECKING:
@@ -222,26 +222,24 @@ class Prefetcher:
 
     def __init__(self, model, retriever, k: int, enabled: bool, hybrid: bool = False,
                  lexical_k: int | None = None) -> None:
-        self.model, self.retriever, self.k = model, retriever, k
-        self.hybrid, self.lexical_k = hybrid, lexical_k
+        from rag_ray.pipeline import RagPipeline
+
+        self.pipeline = None if retriever is None else RagPipeline(model, retriever, hybrid=hybrid, lexical_k=lexical_k)
+        self.k = k
         self.pool = ThreadPoolExecutor(max_workers=1) if enabled else None
 
-    def submit(self, questions: Sequence[str]) -> Future | SearchResult | None:
-        if self.retriever is None:
-            return None
-        if self.pool is None:
-            return None  # retrieved synchronously in get()
+    def submit(self, questions: Sequence[str]) -> Future | None:
+        if self.pipeline is None or self.pool is None:
+            return None  # no retrieval, or retrieved synchronously in get()
         # Encode in the caller's thread (fast, avoids two threads in one module); search async.
-        q = self.model.query_encoder.encode(list(questions), batch_size=len(questions))
-        if self.hybrid:
-            return self.pool.submit(self.retriever.search, q, self.k, questions=list(questions), lexical_k=self.lexical_k)
-        return self.pool.submit(self.retriever.search, q, self.k)
+        vectors = self.pipeline.embed(questions)
+        return self.pool.submit(self.pipeline.search, list(questions), vectors, self.k)
 
     def get(self, pending, questions: Sequence[str]) -> SearchResult | None:
-        if self.retriever is None:
+        if self.pipeline is None:
             return None
         if pending is None:
-            return retrieve(self.model, self.retriever, questions, self.k, self.hybrid, self.lexical_k)
+            return self.pipeline.retrieve(questions, self.k)
         return pending.result()
 
     def close(self) -> None:
