@@ -85,9 +85,11 @@ def merge_hybrid(dense_scores: list[np.ndarray], dense_rows: list[np.ndarray], l
     Returns (q·d scores [B, k'], shard numbers [B, k'], local rows [B, k'], sources [B, k'] as
     :data:`SOURCES` bit masks); empty slots have shard -1 and source 0. k' = min(k, candidates).
     """
-    d_at, d_shards, d_rows = _ranked(dense_scores, dense_rows, k)
+    from rag_ray.shard import topk_order  # shard.py imports this module
+
+    d_at, d_shards, d_rows = topk_order(dense_scores, dense_rows, k)
     d_scores = np.take_along_axis(np.concatenate(dense_scores, axis=1), d_at, 1)
-    l_at, l_shards, l_rows = _ranked(lex_scores, lex_rows, lexical_k)
+    l_at, l_shards, l_rows = topk_order(lex_scores, lex_rows, lexical_k)
     l_dots = np.take_along_axis(np.concatenate(lex_dots, axis=1), l_at, 1)
     b = d_shards.shape[0]
     fused: list[list[tuple[float, int, int, int]]] = []
@@ -113,17 +115,3 @@ def merge_hybrid(dense_scores: list[np.ndarray], dense_rows: list[np.ndarray], l
         for j, (score, s, r, src) in enumerate(row):
             scores[i, j], shards[i, j], rows[i, j], sources[i, j] = score, s, r, src
     return scores, shards, rows, sources
-
-
-def _ranked(scores: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """merge_topk's ranking (by score, ties by shard then row order) as (column positions in the
-    concatenated per-shard arrays, shard numbers, rows), so values that travel beside the ranking
-    score (q·d of BM25 hits) can be taken along. Empty slots have shard -1."""
-    all_rows = np.concatenate(rows, axis=1)
-    all_shards = np.concatenate([np.full(r.shape, s, dtype=np.int64) for s, r in enumerate(rows)], axis=1)
-    masked = np.where(all_rows < 0, -np.inf, np.concatenate(scores, axis=1))
-    at = np.argsort(-masked, axis=1, kind="stable")[:, :min(k, all_rows.shape[1])]
-    top_rows = np.take_along_axis(all_rows, at, 1)
-    top_shards = np.take_along_axis(all_shards, at, 1)
-    top_shards[top_rows < 0] = -1
-    return at, top_shards, top_rows

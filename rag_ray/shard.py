@@ -471,15 +471,18 @@ def merge_topk(scores: list[np.ndarray], rows: list[np.ndarray], k: int) -> tupl
     (scores [B, k'], shard numbers [B, k'], local rows [B, k']) ranked by score, ties broken by
     shard then row order; empty slots have shard -1. k' = min(k, total slots).
     """
-    b = scores[0].shape[0]
-    all_scores = np.concatenate(scores, axis=1) if scores else np.zeros((b, 0), np.float32)
+    order, top_shards, top_rows = topk_order(scores, rows, k)
+    return np.take_along_axis(np.concatenate(scores, axis=1), order, 1), top_shards, top_rows
+
+
+def topk_order(scores: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``merge_topk``'s ranking as (positions in the shard-concatenated arrays [B, k'], shard
+    numbers, local rows), so values that travel beside the scores can be taken along."""
     all_rows = np.concatenate(rows, axis=1)
     all_shards = np.concatenate([np.full(r.shape, s, dtype=np.int64) for s, r in enumerate(rows)], axis=1)
-    masked = np.where(all_rows < 0, -np.inf, all_scores)
-    kk = min(k, all_scores.shape[1])
-    order = np.argsort(-masked, axis=1, kind="stable")[:, :kk]
-    top_scores = np.take_along_axis(all_scores, order, 1)
+    masked = np.where(all_rows < 0, -np.inf, np.concatenate(scores, axis=1))
+    order = np.argsort(-masked, axis=1, kind="stable")[:, :min(k, all_rows.shape[1])]
     top_rows = np.take_along_axis(all_rows, order, 1)
     top_shards = np.take_along_axis(all_shards, order, 1)
     top_shards[top_rows < 0] = -1
-    return top_scores, top_shards, top_rows
+    return order, top_shards, top_rows
