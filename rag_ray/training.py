@@ -339,6 +339,8 @@ def train_dataset(rows: list[dict], cfg: TrainConfig):
     try:
         from ray.data import RandomSeedConfig
     except ImportError:  # an older Ray: a new order every epoch, but not reproducible from the seed
+        print("[rag_ray.train] this Ray has no ray.data.RandomSeedConfig: the training order is shuffled every "
+              "epoch but not reproducible from `seed`", flush=True)
         return ds.random_shuffle()
     return ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
 
