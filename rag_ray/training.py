@@ -14,6 +14,7 @@ metrics, a dev evaluation and a checkpoint. bench/bench_train.py times the same 
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -282,8 +283,9 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
     """Retriever rows: each question's gold passage in the index (a passage of its doc_id that
     contains its answer) and ``hard_negatives`` BM25 passages (DPR's: the top BM25 passages of
     other documents that contain no gold answer), each with its stored vector from the index, so
-    training scores exactly what search will. Rows without a gold passage, or with too few
-    negatives, are dropped and counted. BM25 runs here over the whole index (bm25s: seconds for
+    training scores exactly what search will. Where BM25 finds too few negatives, random passages
+    of other documents fill in. Rows without a gold passage (or, in a tiny corpus, without enough
+    other passages) are dropped and counted. BM25 runs here over the whole index (bm25s: seconds for
     10^4 passages, minutes for 10^6)."""
     from rag_ray.evaluation import bm25_rankings, has_answer, index_passages, index_vectors
 
@@ -304,12 +306,17 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
     negatives: list[list[int]] = [[] for _ in kept]
     if hard_negatives:
         ranked, _ = bm25_rankings(passages, [row["question"] for row in kept], hard_negatives + 30)
+        rng = np.random.default_rng(0)
+        n = len(passages["doc_id"])
         for row, picked, ranking in zip(kept, negatives, ranked):
             answers = json.loads(row["answers"])
-            for r in ranking:
+            # BM25's passages first; where too few share a term with the question, random ones
+            # (DPR's fallback), so no question is dropped for want of negatives
+            for r in itertools.chain(ranking, (int(x) for x in rng.integers(0, n, size=20 * hard_negatives))):
                 if len(picked) == hard_negatives:
                     break
-                if passages["doc_id"][r] != row["doc_id"] and not has_answer(passages["text"][r], answers):
+                if (r not in picked and passages["doc_id"][r] != row["doc_id"]
+                        and not has_answer(passages["text"][r], answers)):
                     picked.append(r)
     vectors = index_vectors(index, sorted({r for rs in negatives for r in rs} | set(gold)))
     dim = next(iter(vectors.values())).shape[0]
