@@ -313,10 +313,14 @@ class TrainConfig:
         return self.objective is Objective.RAG and self.model.mode.retrieves
 
     @property
+    def scores_passages(self) -> bool:
+        """Whether the loss has q·d in it (the rag objective retrieving, or the retriever objective):
+        only then do the query encoder and the scale on q·d get a gradient."""
+        return self.retrieves_in_training or self.objective is Objective.RETRIEVER
+
+    @property
     def trains_query_encoder(self) -> bool:
-        """Only retrieval in the loss gives the query encoder a gradient."""
-        scores_passages = self.retrieves_in_training or self.objective is Objective.RETRIEVER
-        return scores_passages and not self.model.freeze_query_encoder
+        return self.scores_passages and not self.model.freeze_query_encoder
 
     def validate(self) -> list[str]:
         problems = _at_least(1, self, "log_every")

@@ -18,7 +18,7 @@ from rag_ray.datasets import QAExample
 from rag_ray.lexical import SOURCES, Bm25Index
 from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
-from rag_ray.types import Mode, SearchResult
+from rag_ray.types import Mode
 
 if TYPE_CHECKING:
     from rag_ray.config import EvalConfig
@@ -181,15 +181,6 @@ def format_table(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- answers
-
-def retrieve(model, retriever, questions: Sequence[str], k: int, hybrid: bool = False,
-             lexical_k: int | None = None) -> SearchResult:
-    """Top-k passages for questions under the model's current query encoder (no gradient: the
-    index side is frozen; training recomputes q·d with gradient from the returned vectors)."""
-    from rag_ray.pipeline import RagPipeline
-
-    return RagPipeline(model, retriever, hybrid=hybrid, lexical_k=lexical_k).retrieve(questions, k)
-
 
 def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
                 num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16, span_recovery: bool = True,

@@ -73,9 +73,14 @@ class RagPipeline:
 
     def search(self, questions: Sequence[str], question_vectors: np.ndarray, k: int) -> SearchResult:
         """The retriever's top-k for already embedded questions; hybrid when the pipeline is."""
-        if self.hybrid:
-            return self._retriever().search(question_vectors, k, questions=list(questions), lexical_k=self.lexical_k)
-        return self._retriever().search(question_vectors, k)
+        return self._retriever().search(question_vectors, k, **self.search_options(questions))
+
+    def search_options(self, questions: Sequence[str], hybrid: bool | None = None) -> dict:
+        """The extra ``Retriever.search`` arguments that make a search hybrid (the questions and
+        ``lexical_k``) when ``hybrid`` says so, or (None) when the pipeline is; else none."""
+        if not (self.hybrid if hybrid is None else hybrid):
+            return {}
+        return {"questions": list(questions), "lexical_k": self.lexical_k}
 
     def answer(self, questions: Sequence[str], *, mode: str | Mode | None = None, n_docs: int | None = None,
                decoding: str | None = None, num_beams: int | None = None,

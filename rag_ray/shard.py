@@ -279,9 +279,9 @@ class IndexShard:
                       lexical_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Dense top-k and BM25 top-``lexical_k`` for the same queries: (scores, rows, BM25 scores,
         BM25 rows, q·d of the BM25 rows [B, l']); the client fuses them (lexical.merge_hybrid)."""
+        if len(questions) != len(queries):
+            raise RagRayError(f"got {len(questions)} questions for {len(queries)} query vectors; give one per query")
         scores, rows = self.search(queries, k)
-        if len(questions) != len(scores):
-            raise RagRayError(f"got {len(questions)} questions for {len(scores)} query vectors; give one per query")
         lex_scores, lex_rows = self.lexical_search(questions, lexical_k)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         return scores, rows, lex_scores, lex_rows, self._dots(queries, lex_rows)

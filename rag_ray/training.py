@@ -21,7 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from rag_ray.model import RagModel
 
 
+T = TypeVar("T")
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
 
@@ -59,9 +60,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
         scale = {} if m.doc_score_scale is None else {"doc_score_scale": m.doc_score_scale}
         model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device,
                                          **common, **scale)
-    # only scoring passages in the loss gives the scale a gradient
-    scores_passages = cfg.retrieves_in_training or cfg.objective is Objective.RETRIEVER
-    model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and scores_passages)
+    model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and cfg.scores_passages)
     if cfg.objective is Objective.RETRIEVER:  # the query encoder alone learns
         model.generator.requires_grad_(False)
     if m.max_source_length is not None:
@@ -256,6 +255,13 @@ def qa_rows(examples: Sequence[QAExample]) -> list[dict]:
              "doc_id": e.doc_id or ""} for e in examples if e.answers]
 
 
+def gold_passage(answer: str, candidates: Sequence[T], text: Callable[[T], str]) -> T | None:
+    """The first of a document's passages whose text holds the answer (case-insensitive): what
+    both warm-ups (reader, retriever) take as a question's gold passage."""
+    answer = answer.lower()
+    return next((c for c in candidates if answer in text(c).lower()), None)
+
+
 def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
     """Reader rows: each question's gold passage (title, text), the passage of its doc_id that
     contains its answer, cut exactly as the index cuts documents. Rows whose doc_id is unknown or
@@ -269,8 +275,7 @@ def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
             by_doc.setdefault(passage.doc_id, []).append(passage)
     out = []
     for row in rows:
-        answer = row["answer"].lower()
-        gold = next((p for p in by_doc.get(row["doc_id"], []) if answer in p.text.lower()), None)
+        gold = gold_passage(row["answer"], by_doc.get(row["doc_id"], []), lambda p: p.text)
         if gold is not None:
             out.append({**row, "title": gold.title, "text": gold.text})
     if not out:
@@ -290,13 +295,12 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
     from rag_ray.evaluation import bm25_rankings, has_answer, index_passages, index_vectors
 
     passages = index_passages(index)
-    first_row: dict[str, list[int]] = {}
+    rows_of_doc: dict[str, list[int]] = {}
     for r, doc in enumerate(passages["doc_id"]):
-        first_row.setdefault(doc, []).append(r)
+        rows_of_doc.setdefault(doc, []).append(r)
     kept, gold = [], []
     for row in rows:
-        answer = row["answer"].lower()
-        r = next((r for r in first_row.get(row["doc_id"], []) if answer in passages["text"][r].lower()), None)
+        r = gold_passage(row["answer"], rows_of_doc.get(row["doc_id"], []), lambda r: passages["text"][r])
         if r is not None:
             kept.append(row)
             gold.append(r)

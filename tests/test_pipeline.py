@@ -12,7 +12,6 @@ import pytest
 from conftest import TOY_QUESTIONS, build_tiny_rag
 from rag_ray.cli import main
 from rag_ray.errors import RagRayError, user_error
-from rag_ray.evaluation import retrieve
 from rag_ray.model import RagModel
 from rag_ray.pipeline import RagPipeline
 from rag_ray.retriever import Retriever
@@ -62,8 +61,8 @@ def test_hybrid_pipeline_reads_fused_candidates_with_the_same_prior(tiny):
     assert {h.source for hits in retrieved.hits for h in hits} <= {"dense", "lexical", "both"}
     assert any(h.source != "dense" for hits in retrieved.hits for h in hits)  # BM25 took part
     prefetch = Prefetcher(model, retriever, 2, True, hybrid=True, lexical_k=3)  # training's retrieval
-    for result in (prefetch.get(prefetch.submit(questions), questions), retrieve(model, retriever, questions, 2,
-                                                                                 hybrid=True, lexical_k=3)):
+    in_step = Prefetcher(model, retriever, 2, False, hybrid=True, lexical_k=3)  # training without prefetch
+    for result in (prefetch.get(prefetch.submit(questions), questions), in_step.get(None, questions)):
         assert [[(h.passage_id, h.source) for h in hits] for hits in result.hits] == [
             [(h.passage_id, h.source) for h in hits] for hits in retrieved.hits]
     prefetch.close()

@@ -45,18 +45,11 @@ class RagModelServer:
         t0 = time.perf_counter()
         vectors = await asyncio.to_thread(self.pipeline.embed, questions)
         t1 = time.perf_counter()
-        result = await self._search(retriever, questions, vectors, k, hybrid, payload_vectors=False)
+        result = await retriever.search_async(vectors, k, vectors=False,
+                                              **self.pipeline.search_options(questions, hybrid))
         t2 = time.perf_counter()
         return {"index_version": version, "hits": [[h.__dict__ for h in hits] for hits in result.hits],
                 "timings_ms": {"embed": _ms(t1 - t0), "search": _ms(t2 - t1)}}
-
-    async def _search(self, retriever, questions: list[str], vectors, k: int, hybrid: bool | None,
-                      payload_vectors: bool = True):
-        """Dense search, or hybrid (BM25 candidates fused in) when the request or the service asks."""
-        if self.pipeline.hybrid if hybrid is None else hybrid:
-            return await retriever.search_async(vectors, k, vectors=payload_vectors, questions=questions,
-                                                lexical_k=self.pipeline.lexical_k)
-        return await retriever.search_async(vectors, k, vectors=payload_vectors)
 
     def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes)}
@@ -78,7 +71,8 @@ class RagModelServer:
             vectors = await asyncio.to_thread(self.pipeline.embed, questions)
             t1 = time.perf_counter()
             mode = Mode.parse(params.get("mode") or self.pipeline.model.config.mode)
-            result = await self._search(retriever, questions, vectors, n_docs, hybrid) if mode.retrieves else None
+            options = self.pipeline.search_options(questions, hybrid)
+            result = await retriever.search_async(vectors, n_docs, **options) if mode.retrieves else None
             t2 = time.perf_counter()
             answers = await asyncio.to_thread(self.pipeline.read, questions, vectors, result, n_docs=n_docs, **params)
             t3 = time.perf_counter()
