@@ -25,7 +25,8 @@ from rag_ray.types import Mode, SearchResult
 
 @dataclass(frozen=True)
 class SourcePassage:
-    """A passage the answer was read from: ``score`` q·d, ``prior`` p(z|x), ``posterior`` p(z|x,y)."""
+    """A passage the answer was read from: ``score`` q·d, ``prior`` p(z|x), ``posterior`` p(z|x,y);
+    ``source``: which candidate list found it (dense, lexical or both; see Hit)."""
 
     passage_id: str
     doc_id: str
@@ -34,6 +35,7 @@ class SourcePassage:
     score: float
     prior: float
     posterior: float
+    source: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class RagPipeline:
         for i, (question, a) in enumerate(zip(questions, answers)):
             hits = result.hits[i][:n_docs] if result else []
             out.append(RagAnswer(question, self._answer_text(a, hits), a.score, [
-                SourcePassage(h.passage_id, h.doc_id, h.title, h.text, h.score, float(prior), float(post))
+                SourcePassage(h.passage_id, h.doc_id, h.title, h.text, h.score, float(prior), float(post), h.source)
                 for h, prior, post in zip(hits, a.doc_prior, a.doc_posterior)]))
         return out
 

@@ -83,7 +83,7 @@ def test_rag_ray_ask_prints_answers_and_passages(tiny, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(row) == {"question", "answer", "score", "passages"} and row["question"] == question
     assert len(row["passages"]) == 2
-    assert set(row["passages"][0]) == {"passage_id", "doc_id", "title", "text", "score", "prior", "posterior"}
+    assert set(row["passages"][0]) == {"passage_id", "doc_id", "title", "text", "score", "prior", "posterior", "source"}
     assert main(["ask", "--model", str(model_dir), "--index", str(index), "--max-new-tokens", "4", question]) == 0
     text = capsys.readouterr().out
     assert f"Q: {question}" in text and "A: " in text and "posterior" in text and row["passages"][0]["title"] in text

@@ -84,7 +84,8 @@ def test_answer_retrieve_index_and_page_round_trips(service):
     assert len(found) == 1 and found[0]["source"] in {"lexical", "both"}, reply
     assert {p["source"] for p in reply["passages"][0]} <= {"dense", "lexical", "both"}
     status, reply, _ = http(url + "/v1/answer", {"question": rare, "hybrid": True, "max_new_tokens": 3})
-    assert status == 200 and any("word137" in p["text"].split() for p in reply["passages"]), reply
+    assert status == 200 and any("word137" in p["text"].split() and p["source"] in {"lexical", "both"}
+                                 for p in reply["passages"]), reply
     status, info, _ = http(url + "/v1/index")
     assert status == 200 and info["healthy"] and info["manifest"]["passages"] == 9 and len(info["shards"]) == 2
     status, page, _ = http(url + "/", key=None)
