@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
-ALL="reader retriever eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-seq-hybrid rag-token"
+ALL="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-seq-gold rag-seq-hybrid rag-token"
 ROWS=${ROWS:-$ALL}
 EXTRA=("$@")
 mkdir -p "$OUT"
@@ -41,7 +41,9 @@ train reader jobs/configs/train_reader_squad_open_cpu.yaml   # scored over 1,024
 READER=$(model_of reader)
 train retriever jobs/configs/train_retriever_squad_open_cpu.yaml --set model.init_from="$READER"
 RETRIEVER=$(model_of retriever)
-# 3. no joint training: the reader over MiniLM's retrieval, over the warmed-up retriever, and hybrid
+# 3. no joint training: the reader on each question's gold passage alone (the ceiling), over
+# MiniLM's retrieval, over the warmed-up retriever, and hybrid
+evaluate eval-gold "$READER" --gold-passage
 evaluate eval-reader "$READER"
 evaluate eval-retriever "$RETRIEVER"
 evaluate eval-retriever-hybrid "$RETRIEVER" --hybrid
@@ -50,6 +52,7 @@ DEV=(--set eval.questions=1024)
 train closed-book    "$CFG" --set model.init_from="$READER" --set model.mode=closed_book --set eval.decoding=greedy "${DEV[@]}"
 train rag-seq-frozen "$CFG" --set model.init_from="$READER" --set model.freeze_query_encoder=true "${DEV[@]}"
 train rag-seq        "$CFG" --set model.init_from="$RETRIEVER" "${DEV[@]}"
+train rag-seq-gold   "$CFG" --set model.init_from="$RETRIEVER" --set data.gold_in_top_k=true "${DEV[@]}"
 train rag-seq-hybrid "$CFG" --set model.init_from="$RETRIEVER" --set model.hybrid=true "${DEV[@]}"
 train rag-token      "$CFG" --set model.init_from="$RETRIEVER" --set model.mode=token --set eval.decoding=greedy "${DEV[@]}"
 

@@ -179,7 +179,7 @@ def cmd_eval_qa(args) -> int:
         "model": args.model, "index": args.index, "questions": args.questions, "limit": args.limit,
         "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, "hybrid": args.hybrid,
-        "lexical_k": args.lexical_k, **_ray_overrides(args)}))
+        "lexical_k": args.lexical_k, "gold_passage": args.gold_passage, **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval-qa":
             p.add_argument("--questions", required=True, help="JSONL question file, or squad-open:dev")
             p.add_argument("--limit", type=int)
+            p.add_argument("--gold-passage", action="store_true",
+                           help="read each question from its gold passage alone, no search: the reader's ceiling")
         else:
             p.add_argument("question", nargs="+")
         p.add_argument("--mode", choices=[m.value for m in Mode], help="default: the model's own")

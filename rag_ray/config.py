@@ -148,6 +148,10 @@ class TrainData:
     #: the retriever objective: BM25 hard negatives per question (top BM25 passages of other
     #: documents that do not contain the answer; DPR uses 1)
     hard_negatives: int = 1
+    #: the rag objective: where retrieval misses a question's gold passage (a passage of its doc_id
+    #: that holds the answer), it replaces the K-th retrieved one, so the generator learns to read
+    #: the answer next to K-1 distractors (questions without a gold passage in the index are dropped)
+    gold_in_top_k: bool = False
 
     def validate(self) -> list[str]:
         problems = [] if self.train else ["train: give a questions file or dataset name"]
@@ -335,6 +339,8 @@ class TrainConfig:
                                 "give an index directory")
             if self.model.freeze_query_encoder:
                 problems.append("model.freeze_query_encoder: objective 'retriever' trains only the query encoder")
+        if self.data.gold_in_top_k and not self.retrieves_in_training:
+            problems.append("data.gold_in_top_k: applies to the rag objective in a retrieving mode (sequence or token)")
         if self.objective is Objective.READER:
             if self.data.corpus is None:
                 problems.append("data.corpus: objective 'reader' reads each question's gold passage from a "
@@ -453,6 +459,9 @@ class EvalConfig:
     retrieval: bool = False
     hybrid: bool = False
     lexical_k: int | None = None
+    #: read each question from its gold passage alone (a passage of its doc_id holding the answer,
+    #: looked up in the index), no search: the reader's ceiling
+    gold_passage: bool = False
     report: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -465,6 +474,9 @@ class EvalConfig:
         elif self.mode is not None and self.decoding is not None and self.decoding not in self.mode.decodings:
             problems.append(f"decoding: {self.decoding!r} does not apply to mode {self.mode.value!r} "
                             f"(use one of {list(self.mode.decodings)})")
+        if self.gold_passage and (self.hybrid or self.retrieval or (self.mode is not None and not self.mode.retrieves)):
+            problems.append("gold_passage: reads the gold passage instead of searching, so it goes with neither "
+                            "hybrid, retrieval nor mode closed_book")
         return problems
 
 

@@ -18,7 +18,7 @@ from rag_ray.datasets import QAExample
 from rag_ray.lexical import SOURCES, Bm25Index
 from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
-from rag_ray.types import Mode
+from rag_ray.types import Hit, Mode, SearchResult
 
 if TYPE_CHECKING:
     from rag_ray.config import EvalConfig
@@ -184,7 +184,7 @@ def format_table(report: dict) -> str:
 
 def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
                 num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16, span_recovery: bool = True,
-                hybrid: bool = False, lexical_k: int | None = None) -> dict:
+                hybrid: bool = False, lexical_k: int | None = None, gold_passage: bool = False) -> dict:
     """Dev metrics of a RAG model on rows {question, answers, doc_id}:
 
     EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
@@ -193,7 +193,9 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     max(5, n_docs) passages; the model reads the first n_docs). Each question is embedded once:
     the same vector searches, generates and scores. ``span_recovery``: answers read back from the
     passage that holds them (RagPipeline's), as the CLI and Serve return them. ``hybrid``: BM25
-    candidates fused with the dense ones (RagPipeline's).
+    candidates fused with the dense ones (RagPipeline's). ``gold_passage``: no search; each question is
+    read from its gold passage alone (rows from ``training.with_retrieval_targets``), K=1: the
+    reader's ceiling, what retrieval cannot improve on.
     """
     import torch
 
@@ -215,7 +217,10 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
             rows = examples[i : i + batch_size]
             questions = [r["question"] for r in rows]
             vectors = pipeline.embed(questions)
-            res = pipeline.search(questions, vectors, k) if mode.retrieves else None
+            if gold_passage:
+                res = gold_result(rows, vectors)
+            else:
+                res = pipeline.search(questions, vectors, k) if mode.retrieves else None
             answers = pipeline.read(questions, vectors, res, mode=mode, n_docs=n_docs, decoding=decoding,
                                     num_beams=num_beams, max_new_tokens=max_new_tokens)
             q = torch.from_numpy(vectors).to(model.device)
@@ -226,7 +231,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
                 golds = list(r["answers"])
                 em.append(exact_match(a.answer, golds))
                 f1.append(f1_score(a.answer, golds))
-                if res is not None and r.get("doc_id"):
+                if res is not None and r.get("doc_id") and not gold_passage:
                     for kk in hits:
                         hits[kk].append(float(any(h.doc_id == r["doc_id"] for h in res.hits[j][:kk])))
     model.train(was_training)
@@ -240,6 +245,16 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     # 95% bootstrap intervals over the questions, e.g. "dev_em_ci95": [lo, hi]
     out.update({f"{name}_ci95": list(bootstrap_ci95(v)) for name, v in scores.items() if v})
     return out
+
+
+def gold_result(rows: Sequence[dict], question_vectors: np.ndarray) -> SearchResult:
+    """Each row's gold passage (``positive_*`` of ``training.with_retrieval_targets``) as its only
+    hit, scored q·d with its stored vector, as a search would have returned it."""
+    gold = np.stack([np.asarray(r["positive"], dtype=np.float32) for r in rows])
+    scores = np.einsum("bd,bd->b", np.asarray(question_vectors, dtype=np.float32), gold)
+    hits = [[Hit(str(r["positive_id"]), str(r["positive_doc"]), str(r["positive_title"]), str(r["positive_text"]),
+                 float(s), source="gold")] for r, s in zip(rows, scores)]
+    return SearchResult(hits, gold[:, None, :])
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -267,13 +282,24 @@ def run_eval(cfg: EvalConfig) -> dict:
         if not index:
             raise RagRayError(f"mode {mode.value!r} retrieves passages: give --index (index: in a config)")
         index = local_index(index)
-        init_ray_from(cfg.ray)
-        retriever = Retriever.load(index, query_encoder=model.query_encoder)
+        if not cfg.gold_passage:  # the gold passages are read from the index's files, no search
+            init_ray_from(cfg.ray)
+            retriever = Retriever.load(index, query_encoder=model.query_encoder)
     try:
         rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
+        dropped = 0
+        if cfg.gold_passage:
+            from rag_ray.training import qa_rows, with_retrieval_targets
+
+            targets, dropped = with_retrieval_targets(qa_rows(examples), index, 0)
+            rows = [{**t, "answers": json.loads(t["answers"])} for t in targets]
+            n_docs = 1
         report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                             span_recovery=cfg.span_recovery, hybrid=cfg.hybrid, lexical_k=cfg.lexical_k)
+                             span_recovery=cfg.span_recovery, hybrid=cfg.hybrid, lexical_k=cfg.lexical_k,
+                             gold_passage=cfg.gold_passage)
+        if cfg.gold_passage:
+            report["dev_without_gold_passage"] = dropped
         if cfg.retrieval:
             report["retrieval"] = evaluate_retrieval(retriever, model.query_encoder, examples, index, hybrid=cfg.hybrid,
                                                      lexical_k=cfg.lexical_k)

@@ -31,7 +31,7 @@ from rag_ray.datasets import QAExample, read_questions
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
 from rag_ray.evaluation import evaluate_qa, evaluate_retrieval
-from rag_ray.types import Passage, SearchResult
+from rag_ray.types import Hit, Passage, SearchResult
 
 if TYPE_CHECKING:
     from rag_ray.model import RagModel
@@ -197,6 +197,8 @@ def train_step(state: TrainState, batch: dict, result: SearchResult | None) -> f
         elif result is None:  # closed book: the generator alone
             loss, _ = state.loss_fn(questions, answers, None, None)
         else:
+            if cfg.data.gold_in_top_k:
+                result = with_gold_in_top_k(result, batch)
             loss, _ = state.loss_fn(questions, answers, result.hits, result.vectors)
     t1 = time.perf_counter()
     state.optimizer.zero_grad(set_to_none=True)
@@ -329,9 +331,29 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
         if len(negs) < hard_negatives:
             continue
         out.append({**row, "positive_id": passages["passage_id"][g], "positive": vectors[g],
+                    "positive_doc": passages["doc_id"][g], "positive_title": passages["title"][g],
+                    "positive_text": passages["text"][g],
                     "negative_ids": json.dumps([passages["passage_id"][r] for r in negs]),
                     "negatives": np.stack([vectors[r] for r in negs]) if negs else np.zeros((0, dim), np.float32)})
     return out, len(rows) - len(out)
+
+
+def with_gold_in_top_k(result: SearchResult, batch: dict) -> SearchResult:
+    """The retrieved top K with each question's gold passage (``with_retrieval_targets``' positive)
+    put in place of the K-th where retrieval missed it (issue 11, item 4): every step then reads
+    the answer once next to K-1 retrieved distractors, so p(y|x,z) learns to fall on passages
+    without it, and the query encoder is pulled towards the gold passage. Its hit carries source
+    "gold"; its score is NaN because training recomputes q·d from the vectors and never reads it."""
+    hits, vectors = [], np.array(result.vectors, dtype=np.float32, copy=True)
+    for i, row in enumerate(result.hits):
+        row = list(row)
+        gold_id = str(batch["positive_id"][i])
+        if row and all(h.passage_id != gold_id for h in row):
+            row[-1] = Hit(gold_id, str(batch["positive_doc"][i]), str(batch["positive_title"][i]),
+                          str(batch["positive_text"][i]), float("nan"), source="gold")
+            vectors[i, len(row) - 1] = np.asarray(batch["positive"][i], dtype=np.float32)
+        hits.append(row)
+    return SearchResult(hits, vectors)
 
 
 def train_dataset(rows: list[dict], cfg: TrainConfig):
@@ -576,6 +598,10 @@ def run_training(cfg: TrainConfig) -> dict:
         train, dropped = with_retrieval_targets(train, cfg.index, cfg.data.hard_negatives)
         print(f"[rag_ray.train] retriever: {len(train)} questions with a gold passage and {cfg.data.hard_negatives} "
               f"BM25 hard negatives, {dropped} without", flush=True)
+    elif cfg.retrieves_in_training and cfg.data.gold_in_top_k:
+        train, dropped = with_retrieval_targets(train, cfg.index, 0)
+        print(f"[rag_ray.train] gold in top K: {len(train)} questions with a gold passage in the index, "
+              f"{dropped} without", flush=True)
     # a reader is evaluated over retrieved passages, so only when an index is given
     evaluate = (cfg.data.dev is not None and cfg.eval.questions > 0
                 and (cfg.index is not None or not cfg.model.mode.retrieves))

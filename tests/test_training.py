@@ -16,6 +16,7 @@ from rag_ray.encoders import DEFAULT_ENCODER
 from rag_ray.errors import RagRayError
 from rag_ray.model import RagModel
 from rag_ray.retriever import Retriever
+from rag_ray.types import Passage
 from rag_ray.training import run_training
 
 
@@ -133,6 +134,67 @@ def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
     assert 0 <= report["dev_em"] <= 1 and report["dev_nll"] > 0 and 0 <= report["dev_recall@5"] <= 1
     assert main(["eval-qa", "--model", init, "--questions", questions]) == 2
     assert "give --index" in capsys.readouterr().err
+
+
+def test_eval_qa_gold_passage_reads_each_question_from_its_gold_passage_alone(setup, capsys):
+    """The ceiling row: every question is read from the index passage of its doc that holds the
+    answer, K=1, so p(z|x) = 1 and the NLL is the reader's own on that passage."""
+    import json
+
+    from rag_ray.cli import main
+    from rag_ray.evaluation import index_passages
+
+    root, questions = setup
+    init = str(root / "init_model")
+    assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
+                 "--limit", "5", "--gold-passage", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n_docs"] == 1 and report["dev_questions"] == 5 and report["dev_without_gold_passage"] == 0
+    assert "dev_recall@1" not in report  # nothing was searched
+    model = RagModel.from_pretrained(init, device="cpu")
+    passages = index_passages(root / "index")
+    qs = [q["question"] for q in TOY_QUESTIONS]
+    gold = [[next(Passage(p, d, t, x) for p, d, t, x in zip(*passages.values())
+                  if d == q["doc_id"] and q["answers"][0].lower() in x.lower())] for q in TOY_QUESTIONS]
+    zeros = torch.zeros(len(qs), model.query_encoder.dim)
+    with torch.no_grad():
+        nll = model.loss(qs, [q["answers"][0] for q in TOY_QUESTIONS], gold, zeros[:, None], n_docs=1,
+                         question_vectors=zeros).nll
+    assert report["dev_nll"] == pytest.approx(float(nll.mean()), rel=1e-3)
+    assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
+                 "--gold-passage", "--hybrid"]) == 2
+    assert "gold_passage" in capsys.readouterr().err
+
+
+def test_gold_in_top_k_replaces_the_last_hit_only_where_retrieval_missed_it(setup):
+    import numpy as np
+
+    from rag_ray.datasets import QAExample
+    from rag_ray.evaluation import index_passages
+    from rag_ray.training import qa_rows, with_gold_in_top_k, with_retrieval_targets
+    from rag_ray.types import Hit, SearchResult
+
+    root, _ = setup
+    examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS[:2]]
+    rows, _ = with_retrieval_targets(qa_rows(examples), str(root / "index"), 0)
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    passages = index_passages(root / "index")
+    hit = lambda r: Hit(passages["passage_id"][r], passages["doc_id"][r], passages["title"][r], passages["text"][r], 0.5)
+    row_of = {pid: r for r, pid in enumerate(passages["passage_id"])}
+    others = [r for r in range(len(row_of)) if passages["doc_id"][r] not in {e.doc_id for e in examples}]
+    # question 0 retrieved two distractors; question 1 already has its gold passage first
+    hits = [[hit(others[0]), hit(others[1])], [hit(row_of[rows[1]["positive_id"]]), hit(others[2])]]
+    vectors = np.arange(2 * 2 * 32, dtype=np.float32).reshape(2, 2, 32)
+    forced = with_gold_in_top_k(SearchResult(hits, vectors), batch)
+    assert forced.hits[0][0] == hits[0][0] and forced.hits[0][1].passage_id == rows[0]["positive_id"]
+    assert forced.hits[0][1].source == "gold" and rows[0]["answer"] in forced.hits[0][1].text
+    np.testing.assert_array_equal(forced.vectors[0, 1], rows[0]["positive"])
+    np.testing.assert_array_equal(forced.vectors[0, 0], vectors[0, 0])
+    assert forced.hits[1] == hits[1]
+    np.testing.assert_array_equal(forced.vectors[1], vectors[1])
+    np.testing.assert_array_equal(vectors[0, 1], np.arange(32, 64, dtype=np.float32))  # the input is not changed
+    with pytest.raises(RagRayError, match="data.gold_in_top_k"):
+        load_config(TrainConfig, overrides={"objective": "reader", "data.corpus": "x", "data.gold_in_top_k": True})
 
 
 def test_killed_worker_recovers_from_the_last_checkpoint(setup):
