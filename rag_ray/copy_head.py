@@ -25,10 +25,13 @@ class PointerEncoderOutput(BaseModelOutput):
     """Encoder output that also carries the source token ids the copy distribution scatters onto.
 
     Keeping the ids inside ``encoder_outputs`` lets HF ``generate`` expand them per beam together
-    with the hidden states, so beam search needs no special casing.
+    with the hidden states, so beam search needs no special casing. ``pointer_keys`` (from
+    ``PointerGenerator.pointer_keys``) lets an incremental decoder project the fixed encoder states
+    once rather than at every step, as the KV cache does for cross-attention.
     """
 
     source_ids: torch.LongTensor | None = None
+    pointer_keys: torch.Tensor | None = None
 
 
 class _SourceKeepingEncoder(nn.Module):
@@ -157,13 +160,18 @@ class PointerGenerator(PreTrainedModel, GenerationMixin):
             output_hidden_states=True,
             return_dict=True,
         )
-        log_p = self.mix(out.logits, out.decoder_hidden_states[-1], enc_h, attention_mask, source_ids)
+        keys = getattr(encoder_outputs, "pointer_keys", None)
+        log_p = self.mix(out.logits, out.decoder_hidden_states[-1], enc_h, attention_mask, source_ids, keys)
         return Seq2SeqLMOutput(
             logits=log_p,
             cache=out.cache,
             decoder_hidden_states=out.decoder_hidden_states,
             encoder_last_hidden_state=enc_h,
         )
+
+    def pointer_keys(self, enc_h: torch.Tensor) -> torch.Tensor:
+        """[..., S, H] encoder states -> [..., S, P] keys of the pointer attention."""
+        return self.key(enc_h)
 
     def mix(
         self,
@@ -172,10 +180,13 @@ class PointerGenerator(PreTrainedModel, GenerationMixin):
         enc_h: torch.Tensor,
         source_mask: torch.Tensor,
         source_ids: torch.LongTensor,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[N, T, V] vocab logits -> [N, T, V] log p_mix, computed in log space for stability."""
+        """[N, T, V] vocab logits -> [N, T, V] log p_mix, computed in log space for stability.
+        Each decoder position mixes on its own, so T may be just the newest token of a cached
+        decode; ``keys`` are ``pointer_keys(enc_h)`` when the caller already has them."""
         q = self.query(dec_h)  # N,T,P
-        k = self.key(enc_h)  # N,S,P
+        k = self.pointer_keys(enc_h) if keys is None else keys  # N,S,P
         att = torch.einsum("ntp,nsp->nts", q, k) / math.sqrt(self.pointer_dim)
         att = att.float().masked_fill(~source_mask.bool()[:, None, :], torch.finfo(torch.float32).min)
         a = att.softmax(-1)  # N,T,S

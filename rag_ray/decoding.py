@@ -2,9 +2,11 @@
 doc scores [B, K], so ``RagModel.generate`` only validates and dispatches.
 
 RAG-Token runs HF greedy/beam search unchanged on a decoder-only view whose next-token
-distribution is already marginalised over passages. RAG-Sequence beams per passage, then either
-rescores the union of hypotheses on every passage (thorough) or keeps the beams' own scores
-(fast). Closed-book is plain HF ``generate`` on the question alone.
+distribution is already marginalised over passages; the generator's KV cache (K passage rows per
+beam row, reordered together) makes each step cost one new token, not the whole prefix.
+RAG-Sequence beams per passage, then either rescores the union of hypotheses on every passage
+(thorough) or keeps the beams' own scores (fast). Closed-book is plain HF ``generate`` on the
+question alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from rag_ray.copy_head import PointerEncoderOutput
@@ -41,14 +44,18 @@ class _RagTokenDecoder(PreTrainedModel, GenerationMixin):
     """Decoder-only view of RAG-Token: the prefix in, marginalised next-token log-probs out.
 
     The encoder states of the K passages ride along as ``[N, K, L, H]`` model kwargs, which HF
-    ``generate`` repeats per beam like any other input. No KV cache: each step recomputes the
-    (short) answer prefix for every passage.
+    ``generate`` repeats per beam like any other input (N = batch·beams). With ``use_cache`` the
+    generator's own KV cache (self-attention, plus cross-attention keys/values over the fixed
+    encoder states, computed once) holds the N·K decoder rows, row ``n·K + z`` for passage z of
+    beam row n, so each step feeds only the newest token; a beam reorder over N moves each row's K
+    passage rows together (``_reorder_cache``). Without it every step recomputes the whole answer
+    prefix for every passage (kept as the reference the cached path is tested against).
     """
 
     main_input_name = "input_ids"
     _supports_sdpa = True
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: Generator, n_docs: int, use_cache: bool = True) -> None:
         cfg = PretrainedConfig(
             vocab_size=generator.config.vocab_size if getattr(generator.config, "vocab_size", None) else None,
             is_encoder_decoder=False,
@@ -59,20 +66,32 @@ class _RagTokenDecoder(PreTrainedModel, GenerationMixin):
         )
         super().__init__(cfg)
         self.generator = generator
+        self.n_docs = n_docs
         self.generation_config = GenerationConfig(
             pad_token_id=generator.pad_token_id,
             eos_token_id=generator.eos_token_id,
             bos_token_id=generator.bos_token_id,
             decoder_start_token_id=generator.decoder_start_token_id,
-            use_cache=False,
+            use_cache=use_cache,
         )
 
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing to initialise: all weights belong to the wrapped generator."""
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
-        keys = ("encoder_hidden", "source_ids", "source_mask", "doc_scores")
-        return {"input_ids": input_ids, **{k: kwargs[k] for k in keys}}
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """No: ``generate`` would build a decoder-only cache from this bare config; the generator
+        builds its own (with cross-attention) on the first step instead."""
+        return False
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, cache: Cache | None = None, use_cache: bool = False, **kwargs
+    ) -> dict:
+        """Once a cache holds the prefix, only the newest token goes in."""
+        keys = ("encoder_hidden", "source_ids", "source_mask", "doc_scores", "pointer_keys")
+        if cache is not None:
+            input_ids = input_ids[:, -1:]
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache, **{k: kwargs.get(k) for k in keys}}
 
     def forward(
         self,
@@ -81,38 +100,76 @@ class _RagTokenDecoder(PreTrainedModel, GenerationMixin):
         source_ids: torch.LongTensor,
         source_mask: torch.Tensor,
         doc_scores: torch.Tensor,
+        pointer_keys: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutput:
+    ) -> CausalLMOutputWithPast:
         """``attention_mask`` is accepted for ``generate`` and unused: answer prefixes have no pads."""
         k = encoder_hidden.shape[1]
         enc = PointerEncoderOutput(
-            last_hidden_state=encoder_hidden.flatten(0, 1), source_ids=source_ids.flatten(0, 1)
+            last_hidden_state=encoder_hidden.flatten(0, 1),
+            source_ids=source_ids.flatten(0, 1),
+            pointer_keys=None if pointer_keys is None else pointer_keys.flatten(0, 1),
         )
-        logits = self.generator(
-            None, source_mask.flatten(0, 1), input_ids.repeat_interleave(k, 0), encoder_outputs=enc
-        )[:, -1:]
-        return CausalLMOutput(logits=marginalize_tokens(logits, doc_scores))
+        dec_ids, mask = input_ids.repeat_interleave(k, 0), source_mask.flatten(0, 1)
+        if use_cache:
+            logits, cache = self.generator.step(mask, dec_ids, enc, cache)
+        else:
+            logits = self.generator(None, mask, dec_ids, encoder_outputs=enc)
+        return CausalLMOutputWithPast(logits=marginalize_tokens(logits[:, -1:], doc_scores), cache=cache)
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search picked beam row ``beam_idx[n]`` for row n: move its K passage rows with it."""
+        k = self.n_docs
+        rows = (beam_idx[:, None] * k + torch.arange(k, device=beam_idx.device)).flatten()
+        cache.reorder_cache(rows)
+        return cache
 
 
-def rag_token_search(
-    gen: Generator, inputs: dict[str, torch.Tensor], doc_scores: torch.Tensor, num_beams: int, max_new_tokens: int
-) -> torch.LongTensor:
-    """RAG-Token search on prepared inputs: [B*K, L] prompts, [B, K] scores -> [B, T] ids."""
+def rag_token_generate(
+    gen: Generator,
+    inputs: dict[str, torch.Tensor],
+    doc_scores: torch.Tensor,
+    *,
+    use_cache: bool = True,
+    **generate_kwargs,
+) -> torch.LongTensor | ModelOutput:
+    """HF ``generate`` (greedy or beam, as ``generate_kwargs`` say) of the RAG-Token view on
+    prepared inputs: [B*K, L] prompts, [B, K] scores. ``use_cache=False`` recomputes each prefix."""
     b, k = doc_scores.shape
     enc = gen.encode(inputs["input_ids"], inputs["attention_mask"])
-    decoder = _RagTokenDecoder(gen)
+    per_question = {
+        "encoder_hidden": enc.last_hidden_state,
+        "source_ids": enc.source_ids,
+        "source_mask": inputs["attention_mask"],
+    }
+    if use_cache and gen.copy_head:  # the copy head's keys, like cross-attention's, once per decode
+        per_question["pointer_keys"] = gen.model.pointer_keys(enc.last_hidden_state)
+    decoder = _RagTokenDecoder(gen, k, use_cache=use_cache)
     start = torch.full((b, 1), gen.decoder_start_token_id, dtype=torch.long, device=gen.device)
     return decoder.generate(
         input_ids=start,
         attention_mask=torch.ones_like(start),
-        encoder_hidden=enc.last_hidden_state.view(b, k, *enc.last_hidden_state.shape[1:]),
-        source_ids=enc.source_ids.view(b, k, -1),
-        source_mask=inputs["attention_mask"].view(b, k, -1),
         doc_scores=doc_scores,
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
         do_sample=False,
+        **{name: t.view(b, k, *t.shape[1:]) for name, t in per_question.items()},
+        **generate_kwargs,
+    )
+
+
+def rag_token_search(
+    gen: Generator,
+    inputs: dict[str, torch.Tensor],
+    doc_scores: torch.Tensor,
+    num_beams: int,
+    max_new_tokens: int,
+    use_cache: bool = True,
+) -> torch.LongTensor:
+    """RAG-Token search on prepared inputs: [B*K, L] prompts, [B, K] scores -> [B, T] ids."""
+    return rag_token_generate(
+        gen, inputs, doc_scores, use_cache=use_cache, num_beams=num_beams, max_new_tokens=max_new_tokens
     )
 
 

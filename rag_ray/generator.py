@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, EncoderDecoderModel, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from rag_ray.copy_head import PointerEncoderOutput, PointerGenerator
 from rag_ray.encoders import DEFAULT_ENCODER, default_device, resolve_model_path
@@ -266,17 +267,41 @@ class Generator(nn.Module):
         encoder_outputs: BaseModelOutput | None = None,
     ) -> torch.Tensor:
         """[N, T, V] next-token logits (log p_mix for the copy head) for each decoder position."""
+        return self._call(input_ids, attention_mask, decoder_input_ids, encoder_outputs, None, False).logits
+
+    def step(
+        self,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.LongTensor,
+        encoder_outputs: BaseModelOutput,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, Cache]:
+        """Incremental decoding: [N, t, V] logits for the ``t`` decoder tokens not yet in ``cache``,
+        and the cache extended by them. ``cache=None`` lets the model start its own (self- and
+        cross-attention), so callers need not know the architecture's cache layout."""
+        out = self._call(None, attention_mask, decoder_input_ids, encoder_outputs, cache, True)
+        return out.logits, out.cache
+
+    def _call(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.LongTensor,
+        encoder_outputs: BaseModelOutput | None,
+        cache: Cache | None,
+        use_cache: bool,
+    ) -> Seq2SeqLMOutput:
         if encoder_outputs is not None and not self.copy_head:
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state)
-        out = self.model(
+        return self.model(
             input_ids=None if encoder_outputs is not None else input_ids,
             attention_mask=attention_mask,
             encoder_outputs=encoder_outputs,
             decoder_input_ids=decoder_input_ids,
-            use_cache=False,
+            cache=cache,
+            use_cache=use_cache,
             return_dict=True,
         )
-        return out.logits
 
 
 def _set_special_tokens(model: PreTrainedModel, tokenizer) -> None:

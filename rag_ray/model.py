@@ -387,7 +387,13 @@ class RagModel(nn.Module):
         return decode_sequence_thorough(self.generator, inputs, scores, num_beams, max_new_tokens, dedup)
 
     def generate_token_ids(
-        self, inputs: dict[str, torch.Tensor], doc_scores: torch.Tensor, num_beams: int, max_new_tokens: int
+        self,
+        inputs: dict[str, torch.Tensor],
+        doc_scores: torch.Tensor,
+        num_beams: int,
+        max_new_tokens: int,
+        use_cache: bool = True,
     ) -> torch.LongTensor:
-        """RAG-Token search on prepared inputs: [B*K, L] prompts, [B, K] scores -> [B, T] ids."""
-        return rag_token_search(self.generator, inputs, doc_scores, num_beams, max_new_tokens)
+        """RAG-Token search on prepared inputs: [B*K, L] prompts, [B, K] scores -> [B, T] ids
+        (``use_cache=False``: recompute every prefix, the slow reference)."""
+        return rag_token_search(self.generator, inputs, doc_scores, num_beams, max_new_tokens, use_cache)

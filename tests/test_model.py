@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import (
     AutoTokenizer,
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertLMHeadModel,
     BertModel,
@@ -205,6 +207,95 @@ def test_rag_token_decoding_equals_transformers(tokenizer, num_beams, copy_head)
     for a in answers:
         assert isinstance(a, Answer) and len(a.doc_posterior) == k
         assert abs(sum(a.doc_posterior) - 1) < 1e-4 and abs(sum(a.doc_prior) - 1) < 1e-4
+
+
+# RAG-Token's KV cache against recomputing every prefix. Four questions with three passages each,
+# and untrained generators whose hypotheses end at different steps: the copy head re-initialised
+# sharp copies prompt tokens, the prompt's closing [SEP] (= EOS) among them; plain BERT2BERT gets
+# its EOS logit raised. Each test asserts that its case really diverges, so it keeps its power.
+KV_QUESTIONS = QUESTIONS + ["which river flows into the mediterranean?", "who created python?"]
+KV_PASSAGES = [row[:3] for row in PASSAGES] + [
+    [P("Nile", "The Nile flows into the Mediterranean Sea."), P("Rivers", "Rivers carry water."),
+     P("Egypt", "Egypt is in Africa.")],
+    [P("Python", "Python was created by Guido van Rossum."), P("Snakes", "Pythons are snakes."),
+     P("Code", "Code runs on computers.")],
+]
+KV_NEW_TOKENS = 8
+
+
+def kv_generator(tok, kind: str) -> Generator:
+    """``bert2bert`` (no copy head), ``bert2bert_copy`` or ``bart_copy`` (a plain HF seq2seq base)."""
+    torch.manual_seed(0)
+    if kind == "bart_copy":
+        base = BartForConditionalGeneration(BartConfig(
+            vocab_size=tok.vocab_size, d_model=DIM, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+            decoder_start_token_id=tok.sep_token_id, forced_bos_token_id=None))
+    else:
+        base = tiny_model(tok, copy_head=False, init=0.1).generator.model
+    if kind == "bert2bert":
+        with torch.no_grad():
+            base.get_output_embeddings().bias[tok.sep_token_id] += 1.5
+        return Generator(base, tok, max_source_length=64, max_target_length=12).eval()
+    model = PointerGenerator(base)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.head_parameters():
+            p.normal_(0.0, 1.0)
+    return Generator(model, tok, max_source_length=64, max_target_length=12).eval()
+
+
+def kv_decode(gen: Generator, num_beams: int, use_cache: bool):
+    from rag_ray.decoding import rag_token_generate
+
+    inputs = gen.build_inputs(KV_QUESTIONS, KV_PASSAGES)
+    scores = torch.randn(len(KV_QUESTIONS), 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return rag_token_generate(gen, inputs, scores, use_cache=use_cache, num_beams=num_beams,
+                                  num_return_sequences=num_beams, max_new_tokens=KV_NEW_TOKENS,
+                                  output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("kind", ["bert2bert", "bert2bert_copy", "bart_copy"])
+def test_rag_token_kv_cache_equals_recomputing_the_prefix(tokenizer, kind, num_beams):
+    """One new token per step through the cache (beams reordered K passage rows at a time) gives the
+    ids, step scores and beam scores of recomputing every prefix for every passage."""
+    gen = kv_generator(tokenizer, kind)
+    cached, full = kv_decode(gen, num_beams, use_cache=True), kv_decode(gen, num_beams, use_cache=False)
+    assert cached.sequences.tolist() == full.sequences.tolist()
+    assert len(cached.scores) == len(full.scores)
+    for c, f in zip(cached.scores, full.scores):
+        torch.testing.assert_close(c, f, atol=1e-5, rtol=1e-5)
+    # the case diverges: EOS inside the batch, hypotheses of different lengths
+    ends = [1 + s[1:].index(gen.eos_token_id) if gen.eos_token_id in s[1:] else KV_NEW_TOKENS + 1
+            for s in cached.sequences.tolist()]
+    assert min(ends) <= KV_NEW_TOKENS and len(set(ends)) > (2 if num_beams > 1 else 1), ends
+    if num_beams > 1:
+        torch.testing.assert_close(cached.sequences_scores, full.sequences_scores, atol=1e-5, rtol=1e-5)
+        assert cached.beam_indices.tolist() == full.beam_indices.tolist()
+        # ... and beam search moves hypotheses between beam slots, so the cache is really reordered
+        moved = (cached.beam_indices[:, 1:] != cached.beam_indices[:, :-1]) & (cached.beam_indices[:, 1:] >= 0)
+        assert int(moved.sum()) >= 3
+
+
+def test_rag_token_kv_cache_test_catches_a_reorder_that_splits_passage_rows(tokenizer, monkeypatch):
+    """The comparison above can fail: reordering the N·K cache rows as if they were the N beam rows
+    (forgetting that each beam row owns K passage rows) changes the beam scores."""
+    from rag_ray.decoding import _RagTokenDecoder
+
+    gen = kv_generator(tokenizer, "bert2bert_copy")
+    full = kv_decode(gen, 3, use_cache=False)
+
+    def split_rows(self, cache, beam_idx):
+        cache.reorder_cache(beam_idx.repeat_interleave(self.n_docs))
+        return cache
+
+    monkeypatch.setattr(_RagTokenDecoder, "_reorder_cache", split_rows)
+    wrong = kv_decode(gen, 3, use_cache=True)
+    same_ids = wrong.sequences.tolist() == full.sequences.tolist()
+    assert not (same_ids and torch.allclose(wrong.sequences_scores, full.sequences_scores, atol=1e-5, rtol=1e-5))
 
 
 # transformers' thorough decoding drops the context attention mask when it beams per passage
