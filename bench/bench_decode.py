@@ -8,6 +8,7 @@ their MiniLM vectors, so the run needs no index.
 
     python bench/bench_decode.py --questions 10 --threads 1
 
+RAG-Token runs with and without its KV cache (the baseline), and prints the speed-up.
 Prints a table and one JSON line (``{"bench": "decode", ...}``).
 """
 
@@ -27,7 +28,9 @@ from rag_ray.model import RagModel
 
 from _common import Passage, read_jsonl  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-MODES = [("token", "greedy"), ("token", "beam"), ("sequence", "thorough"), ("sequence", "fast")]
+#: (mode, decoding, KV cache): RAG-Token also runs without its cache, the baseline of its ratio
+MODES = [("token", "greedy", False), ("token", "greedy", True), ("token", "beam", False), ("token", "beam", True),
+         ("sequence", "thorough", True), ("sequence", "fast", True)]
 
 
 def main() -> None:
@@ -60,22 +63,28 @@ def main() -> None:
               "max_new_tokens": args.max_new_tokens, "threads": args.threads, "latency_s": {}}
     print(f"{'K':>3} {'mode':>18} {'mean s/q':>9} {'median':>8}")
     for k in ks:
-        for mode, decoding in MODES:
+        for mode, decoding, cache in MODES:
             times = []
             for q, row in zip(dev, rows):
                 passages = [[Passage(corpus[i]["title"], corpus[i]["text"]) for i in row[:k]]]
                 dv = np.stack([vec_of[i] for i in row[:k]])[None]
                 t0 = time.perf_counter()
                 model.generate([q["question"]], passages, dv, mode=mode, decoding=decoding,
-                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, n_docs=k)
+                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, n_docs=k,
+                               use_cache=cache)
                 times.append(time.perf_counter() - t0)
-            name = f"{mode}-{decoding}"
+            name = f"{mode}-{decoding}" + ("" if cache else "-nocache")
             result["latency_s"][f"K{k}/{name}"] = {"mean": round(statistics.mean(times), 3),
                                                      "median": round(statistics.median(times), 3)}
             print(f"{k:>3} {name:>18} {statistics.mean(times):>9.3f} {statistics.median(times):>8.3f}", flush=True)
         ratio = result["latency_s"][f"K{k}/sequence-fast"]["mean"] / result["latency_s"][f"K{k}/sequence-thorough"]["mean"]
         result[f"K{k}_fast_over_thorough"] = round(ratio, 3)
         print(f"K={k}: fast / thorough = {ratio:.3f}")
+        for decoding in ("greedy", "beam"):
+            lat = result["latency_s"]
+            speedup = lat[f"K{k}/token-{decoding}-nocache"]["mean"] / lat[f"K{k}/token-{decoding}"]["mean"]
+            result[f"K{k}_token_{decoding}_cache_speedup"] = round(speedup, 2)
+            print(f"K={k}: RAG-Token {decoding}: no cache / KV cache = {speedup:.2f}x")
     print(json.dumps(result))
 
 

@@ -174,10 +174,11 @@ def rag_token_search(
 
 
 def decode_token(
-    gen: Generator, inputs: dict[str, torch.Tensor], doc_scores: torch.Tensor, num_beams: int, max_new_tokens: int
+    gen: Generator, inputs: dict[str, torch.Tensor], doc_scores: torch.Tensor, num_beams: int, max_new_tokens: int,
+    use_cache: bool = True,
 ) -> list[Answer]:
     """RAG-Token: greedy (``num_beams=1``) or beam search over the marginal next-token distribution."""
-    seqs = rag_token_search(gen, inputs, doc_scores, num_beams, max_new_tokens)
+    seqs = rag_token_search(gen, inputs, doc_scores, num_beams, max_new_tokens, use_cache)
     k = doc_scores.shape[1]
     logits = gen(inputs["input_ids"], inputs["attention_mask"], seqs.repeat_interleave(k, 0))
     marginal = -rag_token_nll(logits, doc_scores, seqs, gen.pad_token_id)

@@ -356,6 +356,7 @@ class RagModel(nn.Module):
         n_docs: int | None = None,
         dedup: bool | None = None,
         question_vectors: torch.Tensor | None = None,
+        use_cache: bool = True,
     ) -> list[Answer]:
         """One answer per question, with p(z|x) and p(z|x,answer) for each passage used.
 
@@ -363,6 +364,7 @@ class RagModel(nn.Module):
         distribution); ``sequence`` mode: ``thorough`` (beam per passage, union of hypotheses
         rescored on every passage) or ``fast`` (no rescoring: a hypothesis not in a passage's
         beam gets probability 0 there); ``closed_book``: ``greedy``/``beam`` on the question alone.
+        ``use_cache=False``: RAG-Token recomputes every answer prefix (the reference, for benchmarks).
         """
         mode = Mode.parse(mode or self.config.mode)
         num_beams = num_beams or self.config.num_beams
@@ -381,7 +383,7 @@ class RagModel(nn.Module):
         if mode is Mode.CLOSED_BOOK:
             return decode_closed_book(self.generator, inputs, num_beams, max_new_tokens)
         if mode is Mode.TOKEN:
-            return decode_token(self.generator, inputs, scores, num_beams, max_new_tokens)
+            return decode_token(self.generator, inputs, scores, num_beams, max_new_tokens, use_cache)
         if decoding == "fast":
             return decode_sequence_fast(self.generator, inputs, scores, num_beams, max_new_tokens)
         return decode_sequence_thorough(self.generator, inputs, scores, num_beams, max_new_tokens, dedup)
