@@ -247,13 +247,18 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     return out
 
 
+def gold_hit(row: dict, score: float) -> Hit:
+    """A question's gold passage (``positive_*`` of ``training.with_retrieval_targets``) as a hit."""
+    return Hit(str(row["positive_id"]), str(row["positive_doc"]), str(row["positive_title"]),
+               str(row["positive_text"]), score, source="gold")
+
+
 def gold_result(rows: Sequence[dict], question_vectors: np.ndarray) -> SearchResult:
     """Each row's gold passage (``positive_*`` of ``training.with_retrieval_targets``) as its only
     hit, scored q·d with its stored vector, as a search would have returned it."""
     gold = np.stack([np.asarray(r["positive"], dtype=np.float32) for r in rows])
     scores = np.einsum("bd,bd->b", np.asarray(question_vectors, dtype=np.float32), gold)
-    hits = [[Hit(str(r["positive_id"]), str(r["positive_doc"]), str(r["positive_title"]), str(r["positive_text"]),
-                 float(s), source="gold")] for r, s in zip(rows, scores)]
+    hits = [[gold_hit(r, float(s))] for r, s in zip(rows, scores)]
     return SearchResult(hits, gold[:, None, :])
 
 

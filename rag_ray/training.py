@@ -30,8 +30,8 @@ from rag_ray.config import Objective, TrainConfig, to_dict
 from rag_ray.datasets import QAExample, read_questions
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
-from rag_ray.evaluation import evaluate_qa, evaluate_retrieval
-from rag_ray.types import Hit, Passage, SearchResult
+from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, gold_hit
+from rag_ray.types import Passage, SearchResult
 
 if TYPE_CHECKING:
     from rag_ray.model import RagModel
@@ -338,6 +338,9 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
     return out, len(rows) - len(out)
 
 
+GOLD_FIELDS = ("positive_id", "positive_doc", "positive_title", "positive_text")
+
+
 def with_gold_in_top_k(result: SearchResult, batch: dict) -> SearchResult:
     """The retrieved top K with each question's gold passage (``with_retrieval_targets``' positive)
     put in place of the K-th where retrieval missed it (issue 11, item 4): every step then reads
@@ -349,8 +352,7 @@ def with_gold_in_top_k(result: SearchResult, batch: dict) -> SearchResult:
         row = list(row)
         gold_id = str(batch["positive_id"][i])
         if row and all(h.passage_id != gold_id for h in row):
-            row[-1] = Hit(gold_id, str(batch["positive_doc"][i]), str(batch["positive_title"][i]),
-                          str(batch["positive_text"][i]), float("nan"), source="gold")
+            row[-1] = gold_hit({k: batch[k][i] for k in GOLD_FIELDS}, float("nan"))
             vectors[i, len(row) - 1] = np.asarray(batch["positive"][i], dtype=np.float32)
         hits.append(row)
     return SearchResult(hits, vectors)
