@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
-ALL="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid reader-2 eval-gold-2 eval-hybrid-2 eval-hybrid-2-k1 closed-book rag-seq-frozen rag-seq rag-seq-gold rag-seq-hybrid rag-token rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough"
+ALL="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid reader-2 eval-gold-2 eval-hybrid-2 eval-hybrid-2-k1 closed-book rag-seq-frozen rag-seq rag-seq-gold rag-seq-hybrid rag-token rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough retriever-dpr retrieval-dpr eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1"
 ROWS=${ROWS:-$ALL}
 ALL="$ALL reader-3 eval-gold-3"  # printed in the table when run
 EXTRA=("$@")
@@ -22,7 +22,8 @@ mkdir -p "$OUT"
 [ -f indexes/squad-open/current ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml
 
 wanted() { [[ " $ROWS " == *" $1 "* ]] && [ ! -f "$OUT/$1.json" ]; }
-model_of() { "$BIN/python" -c "import json, sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/$1.json"; }
+field_of() { "$BIN/python" -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$OUT/$1.json" "$2"; }
+model_of() { field_of "$1" model; }
 train() {  # row name, config, then overrides
   local row=$1 cfg=$2; shift 2
   wanted "$row" || return 0
@@ -34,7 +35,7 @@ evaluate() {  # row name, model, then eval-qa flags
   local row=$1 model=$2; shift 2
   wanted "$row" || return 0
   echo "$(date +%T) evaluating: $row"
-  "$BIN/rag-ray" eval-qa --model "$model" --index indexes/squad-open --questions squad-open:dev --decoding fast \
+  "$BIN/rag-ray" eval-qa --model "$model" --index "${IDX:-indexes/squad-open}" --questions squad-open:dev --decoding fast \
     --n-docs 3 --json "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
   tail -n 1 "$OUT/$row.out" > "$OUT/$row.json"
 }
@@ -81,6 +82,27 @@ train rag-seq-2      "$CFG" --set model.init_from="$READER2" --set model.hybrid=
 evaluate eval-seq-2-k1 "$(model_of rag-seq-2)" --hybrid --n-docs 1
 evaluate eval-seq-2-thorough "$(model_of rag-seq-2)" --hybrid --decoding thorough
 
+# 6. DPR's two towers: the retriever warm-up that also trains the passage encoder (from the longer
+# reader, whose query encoder is the first warm-up's), then squad-open re-indexed with it into a
+# second index; its recall (dense, and hybrid with BM25) and the reader over it
+train retriever-dpr jobs/configs/train_retriever_squad_open_cpu.yaml --set model.init_from="$READER2" \
+  --set model.train_passage_encoder=true --set optim.query_encoder_lr=5e-5
+if [ -f "$OUT/retriever-dpr.json" ]; then
+  DPR=$(model_of retriever-dpr)
+  DPR_INDEX=indexes/squad-open-dpr
+  [ -f "$DPR_INDEX/current" ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml --out "$DPR_INDEX" \
+    --encoder "$(field_of retriever-dpr passage_encoder)" > "$OUT/index-dpr.log" 2>&1
+  if wanted retrieval-dpr; then
+    echo "$(date +%T) evaluating: retrieval-dpr"
+    "$BIN/rag-ray" eval-retrieval --index "$DPR_INDEX" --encoder "$DPR/query_encoder" --questions squad-open:dev \
+      --hybrid --json > "$OUT/retrieval-dpr.out" 2> "$OUT/retrieval-dpr.log"
+    tail -n 1 "$OUT/retrieval-dpr.out" > "$OUT/retrieval-dpr.json"
+  fi
+  IDX=$DPR_INDEX evaluate eval-dpr "$DPR"
+  IDX=$DPR_INDEX evaluate eval-dpr-hybrid "$DPR" --hybrid
+  IDX=$DPR_INDEX evaluate eval-dpr-hybrid-k1 "$DPR" --hybrid --n-docs 1
+fi
+
 "$BIN/python" - "$OUT" $ALL <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -93,6 +115,13 @@ for row in sys.argv[2:]:
         continue
     r = json.loads(path.read_text())
     m = {**r.get("metrics", {}), **r} if "metrics" in r else r
+    for system in ("dense", "hybrid") if "dense_ci95" in r else ():  # an eval-retrieval report
+        m = {"dev_questions": r["questions"], **{f"dev_{k}": r[system][k] for k in ("recall@1", "recall@5")},
+             **{f"dev_{k}_ci95": r[system + "_ci95"][k] for k in ("recall@1", "recall@5")}}
+        print(f"{row + ' ' + system:<22}{'-':>22}{'-':>22}{ci(m, 'dev_recall@1'):>20}{ci(m, 'dev_recall@5'):>22}"
+              f"{m['dev_questions']:>6}")
+    if "dense_ci95" in r:
+        continue
     print(f"{row:<22}{ci(m, 'dev_em'):>22}{ci(m, 'dev_f1'):>22}{ci(m, 'dev_recall@1'):>20}{ci(m, 'dev_recall@5'):>22}"
           f"{m.get('dev_questions', '-'):>6}")
 PY

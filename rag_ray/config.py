@@ -125,7 +125,8 @@ class Objective(str, Enum):
     ``retriever``: the query encoder alone, DPR-style: each question's gold passage against the
     other questions' gold passages in the batch and BM25 hard negatives, all scored as
     softmax(scale · q·d) with the index's own stored vectors (so nothing is re-indexed). A
-    warm-up for the retriever, as the answer loss alone moves recall slowly.
+    warm-up for the retriever, as the answer loss alone moves recall slowly. With
+    ``model.train_passage_encoder`` both towers learn, as in DPR, and the index is rebuilt after.
     """
 
     RAG = "rag"
@@ -175,6 +176,10 @@ class TrainModel:
     hybrid: bool = False
     lexical_k: int | None = None
     freeze_query_encoder: bool = False
+    #: the retriever objective: also train a passage encoder (DPR's second tower, starting from
+    #: the index's) on the passages' text instead of scoring their stored vectors. The index must
+    #: then be rebuilt with it: ``rag-ray index --encoder <checkpoint>/passage_encoder``
+    train_passage_encoder: bool = False
     label_smoothing: float = 0.0
     #: p(z|x) = softmax(scale · q·d): the scale to start from. None: 20.0 for a fresh model, the
     #: saved model's own for ``init_from`` (a model saved before the scale existed has 1.0).
@@ -339,6 +344,9 @@ class TrainConfig:
                                 "give an index directory")
             if self.model.freeze_query_encoder:
                 problems.append("model.freeze_query_encoder: objective 'retriever' trains only the query encoder")
+        elif self.model.train_passage_encoder:
+            problems.append("model.train_passage_encoder: applies to objective 'retriever' (the rag objective reads "
+                            "the index's stored vectors)")
         if self.data.gold_in_top_k and not self.retrieves_in_training:
             problems.append("data.gold_in_top_k: applies to the rag objective in a retrieving mode (sequence or token)")
         if self.objective is Objective.READER:

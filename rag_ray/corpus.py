@@ -181,6 +181,12 @@ def iter_documents(
             (skips if skips is not None else SkipLog()).add(exc)
 
 
+def embedding_text(title: str, text: str) -> str:
+    """What a passage encoder reads for one passage: its title, then its text (DPR's input).
+    The index build and passage-encoder training both use this, so trained and indexed vectors match."""
+    return f"{title} {text}" if title else str(text)
+
+
 def split_passages(doc: dict, max_words: int = 100) -> list[Passage]:
     """Cut a document into ceil(n / max_words) consecutive passages of near-equal length.
 

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from rag_ray.config import EncoderConfig, IndexConfig
-from rag_ray.corpus import read_corpus
+from rag_ray.corpus import embedding_text, read_corpus
 from rag_ray.encoders import Encoder, resolve_precision
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_dir
@@ -52,7 +52,7 @@ class EmbedPassages:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        texts = [f"{t} {x}" if t else str(x) for t, x in zip(batch["title"], batch["text"])]
+        texts = [embedding_text(t, x) for t, x in zip(batch["title"], batch["text"])]
         with torch.autocast(self.encoder.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             batch["vector"] = self.encoder.encode(texts, batch_size=self.batch_size)
         return batch

@@ -132,6 +132,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         from ray import serve
 
         print(f"\nServing at {url}/ (web page) and {url}/docs (API). Ctrl-C stops.", flush=True)
+        _stop_on_signals()
         try:
             while True:
                 time.sleep(3600)
@@ -140,6 +141,18 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         with ray_output_to(log_file):
             serve.shutdown()
     return {"url": url, "report": report, "answers": answers}
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (``kill``, a container stop) both shut Serve down cleanly, also where the
+    shell started us in the background with SIGINT ignored (``make quickstart &``)."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def build_or_reuse_index(index: str) -> str:

@@ -4,7 +4,9 @@ Each step a worker embeds its batch's questions, asks the ``IndexShard`` actors 
 passages and their stored vectors (workers hold no copy of the index), recomputes p(z|x) from
 the query encoder's output so the answer loss trains it, and updates query encoder + generator
 under DDP (gloo on CPU, nccl on GPU). Retrieval for the next batch runs in a background thread
-while the current batch computes. The passage encoder and the index stay frozen.
+while the current batch computes. The passage encoder and the index stay frozen, except in the
+retriever warm-up with ``model.train_passage_encoder`` (DPR's two towers), whose passage encoder
+is saved beside the model for a rebuilt index.
 
 A worker runs ``setup`` (model, optimizer, schedule: fresh or from a checkpoint), then
 ``train_step`` once per batch, and every ``checkpoint.every`` / ``eval.every`` steps reports
@@ -27,10 +29,12 @@ import numpy as np
 import torch
 
 from rag_ray.config import Objective, TrainConfig, to_dict
+from rag_ray.corpus import embedding_text
 from rag_ray.datasets import QAExample, read_questions
+from rag_ray.encoders import Encoder
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
-from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, gold_hit
+from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, exact_recall, gold_hit
 from rag_ray.types import Passage, SearchResult
 
 if TYPE_CHECKING:
@@ -40,6 +44,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
+#: beside MODEL_DIR in a checkpoint of the retriever objective with model.train_passage_encoder
+PASSAGE_ENCODER_DIR = "passage_encoder"
+#: the most passages a training run re-embeds in memory to score a passage encoder it trains
+REEMBED_LIMIT = 200_000
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -72,7 +80,23 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
     return model
 
 
-def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_passage_encoder(cfg: TrainConfig, device: torch.device, checkpoint_dir: str | None = None) -> Encoder | None:
+    """The passage encoder the retriever objective trains (``model.train_passage_encoder``): the
+    checkpoint's when resuming, else the one the index was built with, with the index's pooling,
+    normalisation and length, so its first vectors are the stored ones. None when not trained."""
+    from rag_ray.manifest import IndexManifest, resolve_index
+
+    if not cfg.model.train_passage_encoder:
+        return None
+    info = IndexManifest.read(resolve_index(cfg.index)).encoder
+    path = info.name if checkpoint_dir is None else str(Path(checkpoint_dir) / PASSAGE_ENCODER_DIR)
+    encoder = Encoder.from_pretrained(path, info.pooling, info.normalize, info.max_length, device=device)
+    encoder.name = info.name if checkpoint_dir is None else encoder.name
+    return encoder.train()
+
+
+def build_optimizer(model: RagModel, cfg: TrainConfig, passage_encoder: Encoder | None = None,
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with a smaller learning rate for the query encoder (it starts well trained), an
     optionally larger one for the copy head (new weights), the scale on q·d in a group of its
     own without weight decay (decay would pull its log towards 0, i.e. scale 1), and linear
@@ -85,6 +109,8 @@ def build_optimizer(model: RagModel, cfg: TrainConfig) -> tuple[torch.optim.Opti
     if head:  # the copy head starts from random weights
         groups.append({"params": head, "lr": o.lr if o.copy_head_lr is None else o.copy_head_lr})
     q_params = [p for p in model.query_encoder.parameters() if p.requires_grad]
+    if passage_encoder is not None:  # DPR trains both towers at one learning rate
+        q_params += [p for p in passage_encoder.parameters() if p.requires_grad]
     if q_params:
         groups.append({"params": q_params, "lr": o.lr if o.query_encoder_lr is None else o.query_encoder_lr})
     if model.log_doc_score_scale.requires_grad:
@@ -115,13 +141,21 @@ class LossModule(torch.nn.Module):
 
 
 class RetrievalLossModule(torch.nn.Module):
-    """What DDP wraps for the retriever objective: one ``RagModel.retrieval_loss``."""
+    """What DDP wraps for the retriever objective: one ``RagModel.retrieval_loss``. With a
+    ``passage_encoder`` the candidates are embedded from their text (so both towers get a
+    gradient); without one they are the index's stored vectors."""
 
-    def __init__(self, model: RagModel) -> None:
+    def __init__(self, model: RagModel, passage_encoder: Encoder | None = None) -> None:
         super().__init__()
         self.model = model
+        self.passage_encoder = passage_encoder
 
-    def forward(self, questions, positives, positive_ids, negatives=None, negative_ids=None):
+    def forward(self, questions, positives, positive_ids, negatives=None, negative_ids=None,
+                positive_texts=None, negative_texts=None):
+        if self.passage_encoder is not None:
+            b, h = len(positive_texts), len(negative_texts[0]) if negative_texts else 0
+            vectors = self.passage_encoder.embed(list(positive_texts) + [t for row in negative_texts for t in row])
+            positives, negatives = vectors[:b], vectors[b:].reshape(b, h, vectors.shape[-1])
         return self.model.retrieval_loss(questions, positives, positive_ids, negatives, negative_ids), None
 
 
@@ -139,6 +173,8 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
     step: int = 0
+    #: the retriever objective's second tower (``model.train_passage_encoder``), else None
+    passage_encoder: Encoder | None = None
     #: the checkpoint step this run started from; None for a fresh start
     resumed_from: int | None = None
     timings: dict[str, float] = field(
@@ -147,6 +183,8 @@ class TrainState:
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.passage_encoder is not None:
+            self.params += [p for p in self.passage_encoder.parameters() if p.requires_grad]
 
     @property
     def first_step(self) -> int:
@@ -161,17 +199,20 @@ def setup(cfg: TrainConfig, device: torch.device, checkpoint_dir: str | None = N
         torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.seed)
     if checkpoint_dir is None:
-        model = build_model(cfg, device)
-        optimizer, scheduler = build_optimizer(model, cfg)
+        model, passage_encoder = build_model(cfg, device), build_passage_encoder(cfg, device)
+        optimizer, scheduler = build_optimizer(model, cfg, passage_encoder)
         step, resumed_from = 0, None
     else:
-        model, optimizer, scheduler, step = load_checkpoint(checkpoint_dir, cfg, device)
+        model, passage_encoder, optimizer, scheduler, step = load_checkpoint(checkpoint_dir, cfg, device)
         resumed_from = step
     model.train()
-    loss_fn = (RetrievalLossModule if cfg.objective is Objective.RETRIEVER else LossModule)(model)
+    if cfg.objective is Objective.RETRIEVER:
+        loss_fn: torch.nn.Module = RetrievalLossModule(model, passage_encoder)
+    else:
+        loss_fn = LossModule(model)
     if wrap is not None:
         loss_fn = wrap(loss_fn)
-    return TrainState(cfg, model, loss_fn, optimizer, scheduler, device, step, resumed_from)
+    return TrainState(cfg, model, loss_fn, optimizer, scheduler, device, step, passage_encoder, resumed_from)
 
 
 def train_step(state: TrainState, batch: dict, result: SearchResult | None) -> float:
@@ -191,9 +232,14 @@ def train_step(state: TrainState, batch: dict, result: SearchResult | None) -> f
             zeros = torch.zeros(len(questions), state.model.query_encoder.dim, device=state.device)
             loss, _ = state.loss_fn(questions, answers, gold, zeros[:, None], zeros, n_docs=1)
         elif cfg.objective is Objective.RETRIEVER:
+            texts = {}
+            if state.passage_encoder is not None:
+                texts = {"positive_texts": [embedding_text(t, x) for t, x in zip(batch["positive_title"],
+                                                                                 batch["positive_text"])],
+                         "negative_texts": [json.loads(t) for t in batch["negative_texts"]]}
             loss, _ = state.loss_fn(questions, torch.as_tensor(batch["positive"]), [str(p) for p in batch["positive_id"]],
                                     torch.as_tensor(batch["negatives"]),
-                                    [json.loads(ids) for ids in batch["negative_ids"]])
+                                    [json.loads(ids) for ids in batch["negative_ids"]], **texts)
         elif result is None:  # closed book: the generator alone
             loss, _ = state.loss_fn(questions, answers, None, None)
         else:
@@ -334,6 +380,8 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
                     "positive_doc": passages["doc_id"][g], "positive_title": passages["title"][g],
                     "positive_text": passages["text"][g],
                     "negative_ids": json.dumps([passages["passage_id"][r] for r in negs]),
+                    "negative_texts": json.dumps([embedding_text(passages["title"][r], passages["text"][r])
+                                                  for r in negs]),
                     "negatives": np.stack([vectors[r] for r in negs]) if negs else np.zeros((0, dim), np.float32)})
     return out, len(rows) - len(out)
 
@@ -400,21 +448,24 @@ def save_checkpoint(directory: str, state: TrainState, metrics: dict, metadata: 
     trained against) + optimizer/scheduler state + step, in one folder."""
     model_dir = Path(directory) / MODEL_DIR
     state.model.save_pretrained(model_dir, metadata=metadata)
+    if state.passage_encoder is not None:
+        state.passage_encoder.save_pretrained(Path(directory) / PASSAGE_ENCODER_DIR)
     torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                 "step": state.step}, Path(directory) / TRAIN_STATE)
     (Path(directory) / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def load_checkpoint(directory: str, cfg: TrainConfig, device: torch.device):
-    """(model, optimizer, scheduler, step) from a checkpoint folder; tensors only (weights_only)."""
+    """(model, passage encoder or None, optimizer, scheduler, step) from a checkpoint folder;
+    tensors only (weights_only)."""
     # the checkpoint's own (learned) scale, not the configured starting value
     saved = replace(cfg, model=replace(cfg.model, init_from=str(Path(directory) / MODEL_DIR), doc_score_scale=None))
-    model = build_model(saved, device)
-    optimizer, scheduler = build_optimizer(model, cfg)
+    model, passage_encoder = build_model(saved, device), build_passage_encoder(cfg, device, directory)
+    optimizer, scheduler = build_optimizer(model, cfg, passage_encoder)
     state = torch.load(Path(directory) / TRAIN_STATE, map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return model, optimizer, scheduler, int(state["step"])
+    return model, passage_encoder, optimizer, scheduler, int(state["step"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -497,7 +548,9 @@ def train_loop_per_worker(config: dict) -> None:
         evaluate = final or state.step % cfg.eval.every == 0
         if evaluate or state.step % cfg.checkpoint.every == 0:
             metrics = progress.metrics(state)
-            if rank == 0 and dev_rows and evaluate and cfg.objective is Objective.RETRIEVER:
+            if rank == 0 and dev_rows and evaluate and state.passage_encoder is not None:
+                metrics.update(evaluate_recall_reembedded(state, dev_rows))
+            elif rank == 0 and dev_rows and evaluate and cfg.objective is Objective.RETRIEVER:
                 metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index))
             elif rank == 0 and dev_rows and evaluate:
                 metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
@@ -520,6 +573,27 @@ def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str
     """dev_recall@1/5/20 (gold doc) of the model's query encoder: the retriever objective's score."""
     examples = [QAExample(r["question"], tuple(r["answers"]), r["doc_id"] or None) for r in dev_rows]
     report = evaluate_retrieval(retriever, model.query_encoder, examples, index, ks=(1, 5, 20), bm25=False)
+    out = {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
+    return {**out, **{f"dev_{k}_ci95": v for k, v in report["dense_ci95"].items()}}
+
+
+def evaluate_recall_reembedded(state: TrainState, dev_rows: list[dict]) -> dict:
+    """dev_recall@1/5/20 when the passage encoder is training: the index's stored vectors are
+    stale, so its passages are re-embedded with the current passage encoder and searched exactly
+    in memory (what a rebuilt index would return; seconds per 10^3 passages)."""
+    from rag_ray.manifest import IndexManifest, resolve_index
+
+    passages = IndexManifest.read(resolve_index(state.cfg.index)).passage_count
+    if passages > REEMBED_LIMIT:
+        print(f"[rag_ray.train] no recall at step {state.step}: re-embedding {passages} passages (limit "
+              f"{REEMBED_LIMIT}) is an index build; rebuild the index with the saved passage encoder and run "
+              "rag-ray eval-retrieval", flush=True)
+        return {}
+    examples = [QAExample(r["question"], tuple(r["answers"]), r["doc_id"] or None) for r in dev_rows]
+    with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.cfg.optim.precision == "bf16"):
+        report = exact_recall(state.model.query_encoder, state.passage_encoder, examples, state.cfg.index, (1, 5, 20))
+    print(f"[rag_ray.train] recall with re-embedded passages at step {state.step}: "
+          f"{ {k: round(v, 4) for k, v in report['dense'].items() if k.startswith('recall@')} }", flush=True)
     out = {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
     return {**out, **{f"dev_{k}_ci95": v for k, v in report["dense_ci95"].items()}}
 
@@ -643,6 +717,8 @@ def run_training(cfg: TrainConfig) -> dict:
     report = {"config": to_dict(cfg), "metrics": metrics, "wall_seconds": round(time.perf_counter() - start, 1),
               "checkpoint": result.checkpoint.path if result.checkpoint else None,
               "model": str(Path(result.checkpoint.path) / MODEL_DIR) if result.checkpoint else None,
+              "passage_encoder": (str(Path(result.checkpoint.path) / PASSAGE_ENCODER_DIR)
+                                  if result.checkpoint and cfg.model.train_passage_encoder else None),
               "train_questions": len(train), "dev_questions": len(dev)}
     if cfg.report is not None:
         atomic_write_text(cfg.report, json.dumps(report, indent=2))

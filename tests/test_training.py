@@ -380,6 +380,55 @@ def test_retriever_warm_up_raises_recall_where_the_untuned_encoder_ranks_gold_lo
     assert trained.doc_score_scale != untuned.doc_score_scale
 
 
+def test_passage_encoder_training_saves_a_tower_whose_rebuilt_index_gives_the_recall_it_reported(setup, toy_corpus):
+    """DPR's two towers (``model.train_passage_encoder``): from a query encoder re-drawn at random,
+    both towers learn from the passages' text; the run saves the passage encoder beside the model,
+    and an index rebuilt with it (the real Ray Data build) returns the recall the run measured on
+    passages it re-embedded in memory. The generator stays as it was."""
+    from rag_ray.config import IndexConfig
+    from rag_ray.datasets import QAExample
+    from rag_ray.encoders import Encoder
+    from rag_ray.evaluation import evaluate_retrieval
+    from rag_ray.indexing import build_index
+
+    root, questions = setup
+    untuned = RagModel.from_pretrained(root / "init_model", device="cpu")
+    torch.manual_seed(321)
+    with torch.no_grad():
+        for p in untuned.query_encoder.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    untuned.save_pretrained(root / "untuned_for_dpr")
+    with pytest.raises(RagRayError, match="train_passage_encoder: applies to objective 'retriever'"):
+        _cfg(root, questions, "x", {"model.train_passage_encoder": True})
+    report = run_training(_cfg(root, questions, "dpr", {
+        "objective": "retriever", "model.init_from": str(root / "untuned_for_dpr"), "data.hard_negatives": 1,
+        "model.train_passage_encoder": True, "scaling.num_workers": 1, "optim.batch_size": 4,
+        "optim.max_steps": 60, "eval.every": 60, "checkpoint.every": 60}))
+    m = report["metrics"]
+    assert m["step"] == 60 and m["dev_recall@1"] >= 0.8, m
+    trained_tower = Encoder.from_pretrained(report["passage_encoder"], device="cpu")
+    frozen_tower = Encoder.from_pretrained(str(root / "passage_encoder"), device="cpu")
+    assert (trained_tower.pooling, trained_tower.normalize) == ("mean", True)  # the index's, as saved
+    assert any(not torch.equal(a, b) for a, b in zip(trained_tower.parameters(), frozen_tower.parameters()))
+
+    build_index(load_config(IndexConfig, overrides={
+        "corpus": [toy_corpus],
+        "out": str(root / "index_dpr"), "shards": 2, "encoder.name": report["passage_encoder"],
+        "encoder.precision": "fp32"}))
+    examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
+    retriever = Retriever.load(root / "index_dpr")
+    try:
+        model = RagModel.from_pretrained(report["model"], device="cpu")
+        rebuilt = evaluate_retrieval(retriever, model.query_encoder, examples, root / "index_dpr", ks=(1,),
+                                     bm25=False)["dense"]["recall@1"]
+    finally:
+        retriever.shutdown()
+    assert rebuilt == pytest.approx(m["dev_recall@1"])
+    for a, b in zip(untuned.generator.parameters(), model.generator.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_shuffle_mixes_articles_in_every_batch_and_reshuffles_each_epoch(ray_local):
     """Question files are sorted by article; a shuffled epoch must not be a run of one article's
     questions. The dataset goes through Ray Data's streaming split, as get_dataset_shard's does."""
