@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from rag_ray.config import EvalConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 KS = (1, 5, 20, 100)
 
 
@@ -213,7 +214,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     the same vector searches, generates and scores. ``span_recovery``: answers read back from the
     passage that holds them (RagPipeline's), as the CLI and Serve return them. ``hybrid``: BM25
     candidates fused with the dense ones (RagPipeline's). ``gold_passage``: no search; each question is
-    read from its gold passage alone (rows from ``training.with_retrieval_targets``), K=1: the
+    read from its gold passage alone (rows from ``with_index_gold_passages``), K=1: the
     reader's ceiling, what retrieval cannot improve on.
     """
     import torch
@@ -266,14 +267,49 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     return out
 
 
+def gold_passage(answer: str, candidates: Sequence[T], text: Callable[[T], str]) -> T | None:
+    """The first of a document's passages whose text holds the answer (case-insensitive): what
+    the gold-passage ceiling and both warm-ups (reader, retriever) take as a question's gold passage."""
+    answer = answer.lower()
+    return next((c for c in candidates if answer in text(c).lower()), None)
+
+
+def index_gold_rows(rows: Sequence[dict], passages: dict[str, list[str]]) -> list[int | None]:
+    """For each row {answer, doc_id}, the number (as in ``index_passages``) of its gold passage:
+    the index passage of its doc_id that holds the answer; None where there is none (an unknown
+    doc_id, or an answer that straddles a passage cut)."""
+    rows_of_doc: dict[str, list[int]] = {}
+    for r, doc in enumerate(passages["doc_id"]):
+        rows_of_doc.setdefault(doc, []).append(r)
+    return [gold_passage(row["answer"], rows_of_doc.get(row["doc_id"], []), lambda r: passages["text"][r])
+            for row in rows]
+
+
+def gold_fields(passages: dict[str, list[str]], r: int, vector: np.ndarray) -> dict:
+    """The ``positive_*`` fields of a row whose gold passage is index passage ``r`` (with its
+    stored vector): what ``gold_hit``, ``gold_result`` and training's gold-in-top-K read."""
+    return {"positive_id": passages["passage_id"][r], "positive": vector, "positive_doc": passages["doc_id"][r],
+            "positive_title": passages["title"][r], "positive_text": passages["text"][r]}
+
+
+def with_index_gold_passages(rows: list[dict], index: str | Path) -> tuple[list[dict], int]:
+    """Rows {answer, doc_id, ...} with their gold passage's ``gold_fields``; rows without one are
+    dropped and counted."""
+    passages = index_passages(index)
+    gold = index_gold_rows(rows, passages)
+    vectors = index_vectors(index, [g for g in gold if g is not None])
+    out = [{**row, **gold_fields(passages, g, vectors[g])} for row, g in zip(rows, gold) if g is not None]
+    return out, len(rows) - len(out)
+
+
 def gold_hit(row: dict, score: float) -> Hit:
-    """A question's gold passage (``positive_*`` of ``training.with_retrieval_targets``) as a hit."""
+    """A question's gold passage (its ``gold_fields``) as a hit."""
     return Hit(str(row["positive_id"]), str(row["positive_doc"]), str(row["positive_title"]),
                str(row["positive_text"]), score, source="gold")
 
 
 def gold_result(rows: Sequence[dict], question_vectors: np.ndarray) -> SearchResult:
-    """Each row's gold passage (``positive_*`` of ``training.with_retrieval_targets``) as its only
+    """Each row's gold passage (its ``gold_fields``) as its only
     hit, scored q·d with its stored vector, as a search would have returned it."""
     gold = np.stack([np.asarray(r["positive"], dtype=np.float32) for r in rows])
     scores = np.einsum("bd,bd->b", np.asarray(question_vectors, dtype=np.float32), gold)
@@ -313,10 +349,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         rows = [{"question": e.question, "answers": list(e.answers), "doc_id": e.doc_id or ""} for e in examples]
         dropped = 0
         if cfg.gold_passage:
-            from rag_ray.training import qa_rows, with_retrieval_targets
-
-            targets, dropped = with_retrieval_targets(qa_rows(examples), index, 0)
-            rows = [{**t, "answers": json.loads(t["answers"])} for t in targets]
+            rows, dropped = with_index_gold_passages([{**r, "answer": r["answers"][0]} for r in rows if r["answers"]],
+                                                     index)
             n_docs = 1
         report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,

@@ -34,7 +34,7 @@ from rag_ray.datasets import QAExample, read_questions
 from rag_ray.encoders import Encoder
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
-from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, exact_recall, gold_hit
+from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, exact_recall, gold_hit, gold_passage
 from rag_ray.types import Passage, SearchResult
 
 if TYPE_CHECKING:
@@ -303,13 +303,6 @@ def qa_rows(examples: Sequence[QAExample]) -> list[dict]:
              "doc_id": e.doc_id or ""} for e in examples if e.answers]
 
 
-def gold_passage(answer: str, candidates: Sequence[T], text: Callable[[T], str]) -> T | None:
-    """The first of a document's passages whose text holds the answer (case-insensitive): what
-    both warm-ups (reader, retriever) take as a question's gold passage."""
-    answer = answer.lower()
-    return next((c for c in candidates if answer in text(c).lower()), None)
-
-
 def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
     """Reader rows: each question's gold passage (title, text), the passage of its doc_id that
     contains its answer, cut exactly as the index cuts documents. Rows whose doc_id is unknown or
@@ -340,15 +333,11 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
     of other documents fill in. Rows without a gold passage (or, in a tiny corpus, without enough
     other passages) are dropped and counted. BM25 runs here over the whole index (bm25s: seconds for
     10^4 passages, minutes for 10^6)."""
-    from rag_ray.evaluation import bm25_rankings, has_answer, index_passages, index_vectors
+    from rag_ray.evaluation import bm25_rankings, gold_fields, has_answer, index_gold_rows, index_passages, index_vectors
 
     passages = index_passages(index)
-    rows_of_doc: dict[str, list[int]] = {}
-    for r, doc in enumerate(passages["doc_id"]):
-        rows_of_doc.setdefault(doc, []).append(r)
     kept, gold = [], []
-    for row in rows:
-        r = gold_passage(row["answer"], rows_of_doc.get(row["doc_id"], []), lambda r: passages["text"][r])
+    for row, r in zip(rows, index_gold_rows(rows, passages)):
         if r is not None:
             kept.append(row)
             gold.append(r)
@@ -376,9 +365,7 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
     for row, g, negs in zip(kept, gold, negatives):
         if len(negs) < hard_negatives:
             continue
-        out.append({**row, "positive_id": passages["passage_id"][g], "positive": vectors[g],
-                    "positive_doc": passages["doc_id"][g], "positive_title": passages["title"][g],
-                    "positive_text": passages["text"][g],
+        out.append({**row, **gold_fields(passages, g, vectors[g]),
                     "negative_ids": json.dumps([passages["passage_id"][r] for r in negs]),
                     "negative_texts": json.dumps([embedding_text(passages["title"][r], passages["text"][r])
                                                   for r in negs]),
@@ -666,6 +653,8 @@ def run_training(cfg: TrainConfig) -> dict:
     from rag_ray.retriever import Retriever
 
     check_index_compatibility(cfg)
+    if cfg.index is not None:  # workers run in a directory of their own and read the index's files
+        cfg = replace(cfg, index=str(Path(cfg.index).resolve()))
     train = qa_rows(read_questions(cfg.data.train))
     if cfg.objective is Objective.READER:
         train, dropped = with_gold_passages(train, cfg.data.corpus)
