@@ -7,8 +7,10 @@
 # run again, so an interrupted run resumes where it stopped. Measured on 2 CPU cores: index 1 min,
 # each reader 17-20 min of training, retriever warm-up 2 min, each gold-passage row 2.3 min, each
 # eval-only row 6 min at K=3 (2.4 at K=1), each joint row about 15 min (7-9 of training, 7 of
-# evaluation): about 3 h 5 min for the default rows. reader-3 and eval-gold-3 (a third reader
-# round, which did not help) run only when named in ROWS: about 20 min more.
+# evaluation), both-tower retriever training 18 min and its index 1 min: about 4 h 5 min for the
+# default rows (3 h 5 min without the DPR rows of sections 6 and 7). reader-3 and eval-gold-3 (a third reader
+# round, which did not help) run only when named in ROWS: about 20 min more; so do retriever-dpr-2 and
+# retrieval-dpr-2 (a second epoch of both towers): about 30 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -16,7 +18,7 @@ CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
 ALL="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid reader-2 eval-gold-2 eval-hybrid-2 eval-hybrid-2-k1 closed-book rag-seq-frozen rag-seq rag-seq-gold rag-seq-hybrid rag-token rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough retriever-dpr retrieval-dpr eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 rag-seq-dpr eval-seq-dpr-k1"
 ROWS=${ROWS:-$ALL}
-ALL="$ALL reader-3 eval-gold-3"  # printed in the table when run
+ALL="$ALL reader-3 eval-gold-3 retriever-dpr-2 retrieval-dpr-2"  # printed in the table when run
 EXTRA=("$@")
 mkdir -p "$OUT"
 [ -f indexes/squad-open/current ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml
@@ -102,6 +104,21 @@ if [ -f "$OUT/retriever-dpr.json" ]; then
   IDX=$DPR_INDEX evaluate eval-dpr "$DPR"
   IDX=$DPR_INDEX evaluate eval-dpr-hybrid "$DPR" --hybrid
   IDX=$DPR_INDEX evaluate eval-dpr-hybrid-k1 "$DPR" --hybrid --n-docs 1
+  # 6b. (only when named in ROWS) a second epoch of both towers from retriever-dpr's, with 2 BM25
+  # hard negatives per question and lr 3e-5, its index rebuilt, and its recall
+  train retriever-dpr-2 jobs/configs/train_retriever_squad_open_cpu.yaml --set index="$DPR_INDEX" \
+    --set model.init_from="$DPR" --set model.train_passage_encoder=true --set data.hard_negatives=2 \
+    --set optim.query_encoder_lr=3e-5 --set optim.max_steps=230 --set checkpoint.every=230
+  if [ -f "$OUT/retriever-dpr-2.json" ]; then
+    [ -f indexes/squad-open-dpr-2/current ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml \
+      --out indexes/squad-open-dpr-2 --encoder "$(field_of retriever-dpr-2 passage_encoder)" > "$OUT/index-dpr-2.log" 2>&1
+    if wanted retrieval-dpr-2; then
+      echo "$(date +%T) evaluating: retrieval-dpr-2"
+      "$BIN/rag-ray" eval-retrieval --index indexes/squad-open-dpr-2 --encoder "$(model_of retriever-dpr-2)/query_encoder" \
+        --questions squad-open:dev --hybrid --json > "$OUT/retrieval-dpr-2.out" 2> "$OUT/retrieval-dpr-2.log"
+      tail -n 1 "$OUT/retrieval-dpr-2.out" > "$OUT/retrieval-dpr-2.json"
+    fi
+  fi
   # 7. joint training over the rebuilt index, as rag-seq-2 (hybrid, gold in top K, lr 3e-5)
   train rag-seq-dpr "$CFG" --set index="$DPR_INDEX" --set model.init_from="$DPR" --set model.hybrid=true \
     --set data.gold_in_top_k=true --set optim.lr=3e-5 "${DEV[@]}"
