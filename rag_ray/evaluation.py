@@ -351,6 +351,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         if cfg.gold_passage:
             rows, dropped = with_index_gold_passages([{**r, "answer": r["answers"][0]} for r in rows if r["answers"]],
                                                      index)
+            if not rows:
+                raise RagRayError(f"--gold-passage: none of the {len(examples)} questions has a gold passage in "
+                                  f"{index} (a question needs a doc_id of the index with a passage holding its answer)")
             n_docs = 1
         report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,

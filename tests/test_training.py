@@ -164,6 +164,10 @@ def test_eval_qa_gold_passage_reads_each_question_from_its_gold_passage_alone(se
     assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
                  "--gold-passage", "--hybrid"]) == 2
     assert "gold_passage" in capsys.readouterr().err
+    nowhere = write_jsonl(root / "q_nowhere.jsonl", [{**TOY_QUESTIONS[0], "doc_id": "nowhere"}])
+    assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", nowhere,
+                 "--gold-passage"]) == 2
+    assert "none of the 1 questions has a gold passage" in capsys.readouterr().err
 
 
 def test_gold_in_top_k_replaces_the_last_hit_only_where_retrieval_missed_it(setup):
@@ -336,6 +340,19 @@ def test_retriever_targets_are_the_index_own_gold_passage_and_bm25_negatives(set
         with_retrieval_targets(qa_rows(examples[-1:]), str(root / "index"), 1)
 
 
+def _untuned_query_model(root: Path, seed: int, name: str) -> RagModel:
+    """The tiny init model with its query encoder's weights re-drawn at random (so it ranks the
+    toy questions' gold passages about at random), saved at ``root / name``."""
+    untuned = RagModel.from_pretrained(root / "init_model", device="cpu")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in untuned.query_encoder.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    untuned.save_pretrained(root / name)
+    return untuned
+
+
 def test_retriever_warm_up_raises_recall_where_the_untuned_encoder_ranks_gold_low(setup):
     """The query encoder starts from weights re-drawn at random, unrelated to the passage
     encoder's, so it ranks the toy questions' gold passages about at random; the retriever
@@ -345,13 +362,7 @@ def test_retriever_warm_up_raises_recall_where_the_untuned_encoder_ranks_gold_lo
     from rag_ray.evaluation import evaluate_retrieval
 
     root, questions = setup
-    untuned = RagModel.from_pretrained(root / "init_model", device="cpu")
-    torch.manual_seed(123)
-    with torch.no_grad():
-        for p in untuned.query_encoder.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
-    untuned.save_pretrained(root / "untuned_query_model")
+    untuned = _untuned_query_model(root, seed=123, name="untuned_query_model")
     examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
 
     def recall_at_1(model_dir) -> float:
@@ -392,13 +403,7 @@ def test_passage_encoder_training_saves_a_tower_whose_rebuilt_index_gives_the_re
     from rag_ray.indexing import build_index
 
     root, questions = setup
-    untuned = RagModel.from_pretrained(root / "init_model", device="cpu")
-    torch.manual_seed(321)
-    with torch.no_grad():
-        for p in untuned.query_encoder.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
-    untuned.save_pretrained(root / "untuned_for_dpr")
+    untuned = _untuned_query_model(root, seed=321, name="untuned_for_dpr")
     with pytest.raises(RagRayError, match="train_passage_encoder: applies to objective 'retriever'"):
         _cfg(root, questions, "x", {"model.train_passage_encoder": True})
     report = run_training(_cfg(root, questions, "dpr", {
