@@ -91,7 +91,8 @@ def build_passage_encoder(cfg: TrainConfig, device: torch.device, checkpoint_dir
     info = IndexManifest.read(resolve_index(cfg.index)).encoder
     path = info.name if checkpoint_dir is None else str(Path(checkpoint_dir) / PASSAGE_ENCODER_DIR)
     encoder = Encoder.from_pretrained(path, info.pooling, info.normalize, info.max_length, device=device)
-    encoder.name = info.name if checkpoint_dir is None else encoder.name
+    if checkpoint_dir is None:  # the manifest's name (a hub id or path), not a resolved snapshot path
+        encoder.name = info.name
     return encoder.train()
 
 
@@ -325,13 +326,15 @@ def with_gold_passages(rows: list[dict], corpus: str) -> tuple[list[dict], int]:
     return out, len(rows) - len(out)
 
 
-def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) -> tuple[list[dict], int]:
+def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int,
+                           texts: bool = False) -> tuple[list[dict], int]:
     """Retriever rows: each question's gold passage in the index (a passage of its doc_id that
     contains its answer) and ``hard_negatives`` BM25 passages (DPR's: the top BM25 passages of
     other documents that contain no gold answer), each with its stored vector from the index, so
     training scores exactly what search will. Where BM25 finds too few negatives, random passages
-    of other documents fill in. Rows without a gold passage (or, in a tiny corpus, without enough
-    other passages) are dropped and counted. BM25 runs here over the whole index (bm25s: seconds for
+    of other documents fill in. With ``texts`` (a trained passage encoder embeds them) each row
+    also carries its negatives' embedding texts. Rows without a gold passage (or, in a tiny
+    corpus, without enough other passages) are dropped and counted. BM25 runs here over the whole index (bm25s: seconds for
     10^4 passages, minutes for 10^6)."""
     from rag_ray.evaluation import bm25_rankings, gold_fields, has_answer, index_gold_rows, index_passages, index_vectors
 
@@ -342,8 +345,8 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
             kept.append(row)
             gold.append(r)
     if not kept:
-        raise RagRayError(f"objective 'retriever': no training question has a gold passage in {index} "
-                          "(questions need a doc_id that is a document id of the index)")
+        raise RagRayError(f"no training question has a gold passage in {index} (the retriever objective and "
+                          "data.gold_in_top_k need questions whose doc_id is a document id of the index)")
     negatives: list[list[int]] = [[] for _ in kept]
     if hard_negatives:
         ranked, _ = bm25_rankings(passages, [row["question"] for row in kept], hard_negatives + 30)
@@ -367,9 +370,10 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int) ->
             continue
         out.append({**row, **gold_fields(passages, g, vectors[g]),
                     "negative_ids": json.dumps([passages["passage_id"][r] for r in negs]),
-                    "negative_texts": json.dumps([embedding_text(passages["title"][r], passages["text"][r])
-                                                  for r in negs]),
                     "negatives": np.stack([vectors[r] for r in negs]) if negs else np.zeros((0, dim), np.float32)})
+        if texts:
+            out[-1]["negative_texts"] = json.dumps([embedding_text(passages["title"][r], passages["text"][r])
+                                                    for r in negs])
     return out, len(rows) - len(out)
 
 
@@ -559,7 +563,11 @@ def train_loop_per_worker(config: dict) -> None:
 def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str) -> dict:
     """dev_recall@1/5/20 (gold doc) of the model's query encoder: the retriever objective's score."""
     examples = [QAExample(r["question"], tuple(r["answers"]), r["doc_id"] or None) for r in dev_rows]
-    report = evaluate_retrieval(retriever, model.query_encoder, examples, index, ks=(1, 5, 20), bm25=False)
+    return _dev_recall(evaluate_retrieval(retriever, model.query_encoder, examples, index, ks=(1, 5, 20), bm25=False))
+
+
+def _dev_recall(report: dict) -> dict:
+    """A retrieval report's dense recall (and its intervals) as the run's ``dev_*`` metrics."""
     out = {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
     return {**out, **{f"dev_{k}_ci95": v for k, v in report["dense_ci95"].items()}}
 
@@ -581,8 +589,7 @@ def evaluate_recall_reembedded(state: TrainState, dev_rows: list[dict]) -> dict:
         report = exact_recall(state.model.query_encoder, state.passage_encoder, examples, state.cfg.index, (1, 5, 20))
     print(f"[rag_ray.train] recall with re-embedded passages at step {state.step}: "
           f"{ {k: round(v, 4) for k, v in report['dense'].items() if k.startswith('recall@')} }", flush=True)
-    out = {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
-    return {**out, **{f"dev_{k}_ci95": v for k, v in report["dense_ci95"].items()}}
+    return _dev_recall(report)
 
 
 def _setup_worker(cfg: TrainConfig) -> TrainState:
@@ -660,7 +667,8 @@ def run_training(cfg: TrainConfig) -> dict:
         train, dropped = with_gold_passages(train, cfg.data.corpus)
         print(f"[rag_ray.train] reader: {len(train)} questions with a gold passage, {dropped} without", flush=True)
     elif cfg.objective is Objective.RETRIEVER:
-        train, dropped = with_retrieval_targets(train, cfg.index, cfg.data.hard_negatives)
+        train, dropped = with_retrieval_targets(train, cfg.index, cfg.data.hard_negatives,
+                                                texts=cfg.model.train_passage_encoder)
         print(f"[rag_ray.train] retriever: {len(train)} questions with a gold passage and {cfg.data.hard_negatives} "
               f"BM25 hard negatives, {dropped} without", flush=True)
     elif cfg.retrieves_in_training and cfg.data.gold_in_top_k:

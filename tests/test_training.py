@@ -312,6 +312,7 @@ def test_retriever_targets_are_the_index_own_gold_passage_and_bm25_negatives(set
 
     import numpy as np
 
+    from rag_ray.corpus import embedding_text
     from rag_ray.datasets import QAExample
     from rag_ray.evaluation import index_passages, index_vectors
     from rag_ray.training import qa_rows, with_retrieval_targets
@@ -336,6 +337,13 @@ def test_retriever_targets_are_the_index_own_gold_passage_and_bm25_negatives(set
             assert row["answer"].lower() not in passages["text"][row_of[pid]].lower()
             np.testing.assert_array_equal(vector, stored[row_of[pid]])
     assert "word180" in passages["text"][row_of[rows[-1]["positive_id"]]].split()
+    # the negatives' texts only where a trained passage encoder embeds them, as the index build would
+    assert all("negative_texts" not in row for row in rows)
+    with_texts, _ = with_retrieval_targets(qa_rows(examples), str(root / "index"), hard_negatives=2, texts=True)
+    for row in with_texts:
+        assert json.loads(row["negative_texts"]) == [embedding_text(passages["title"][row_of[pid]],
+                                                                    passages["text"][row_of[pid]])
+                                                     for pid in json.loads(row["negative_ids"])]
     with pytest.raises(RagRayError, match="no training question has a gold passage"):
         with_retrieval_targets(qa_rows(examples[-1:]), str(root / "index"), 1)
 
