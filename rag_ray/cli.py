@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import typing
+from pathlib import Path
 from typing import Callable
 
 from rag_ray.config import EncoderConfig, IndexConfig, load_config
@@ -145,8 +146,17 @@ def cmd_eval_retrieval(args) -> int:
     _ray(args)
     retriever = Retriever.load(args.index, query_encoder=encoder)
     ks = tuple(k for k in KS if k <= args.max_k)
+    reranker = None
+    if args.rerank_candidates < 1:
+        raise RagRayError(f"--rerank-candidates must be >= 1, got {args.rerank_candidates}")
+    if args.reranker:  # a saved model's reranker, or a reranker directory
+        from rag_ray.reranker import Reranker
+
+        path = Path(args.reranker)
+        reranker = Reranker.from_pretrained(str(path / "reranker" if (path / "reranker").is_dir() else path))
     report = evaluate_retrieval(retriever, encoder, examples, args.index, ks=ks, bm25=not args.no_bm25,
-                                hybrid=args.hybrid, lexical_k=args.lexical_k)
+                                hybrid=args.hybrid, lexical_k=args.lexical_k, reranker=reranker,
+                                rerank_candidates=args.rerank_candidates)
     retriever.shutdown()
     print(json.dumps(report) if args.json else format_table(report))
     return 0
@@ -179,7 +189,8 @@ def cmd_eval_qa(args) -> int:
         "model": args.model, "index": args.index, "questions": args.questions, "limit": args.limit,
         "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, "hybrid": args.hybrid,
-        "lexical_k": args.lexical_k, "gold_passage": args.gold_passage, **_ray_overrides(args)}))
+        "lexical_k": args.lexical_k, "gold_passage": args.gold_passage, "rerank": not args.no_rerank,
+        **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:
@@ -192,6 +203,7 @@ def cmd_ask(args) -> int:
     pipeline, mode = _pipeline(args, args.mode)
     pipeline.span_recovery = not args.no_span_recovery
     pipeline.hybrid, pipeline.lexical_k = args.hybrid, args.lexical_k
+    pipeline.use_reranker = pipeline.use_reranker and not args.no_rerank
     answers = pipeline.answer(questions, mode=mode, n_docs=args.n_docs, decoding=args.decoding,
                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     pipeline.close()
@@ -335,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=100)
     p.add_argument("--encoder", help="query encoder checkpoint (default: the index's passage encoder)")
     p.add_argument("--no-bm25", action="store_true")
+    p.add_argument("--reranker", help="a saved model with a reranker (or a reranker directory): adds a 'reranked' "
+                                      "column, its order of the hybrid (else dense) top --rerank-candidates")
+    p.add_argument("--rerank-candidates", type=int, default=20)
     _add_hybrid(p)
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)
@@ -359,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=16)
         p.add_argument("--no-span-recovery", action="store_true",
                        help="answer with the tokenizer's decode, not the passage's own text of the answer")
+        p.add_argument("--no-rerank", action="store_true",
+                       help="read the retriever's top n_docs even when the model has a reranker")
         _add_hybrid(p)
         _add_common(p)
         p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)

@@ -127,11 +127,16 @@ class Objective(str, Enum):
     softmax(scale · q·d) with the index's own stored vectors (so nothing is re-indexed). A
     warm-up for the retriever, as the answer loss alone moves recall slowly. With
     ``model.train_passage_encoder`` both towers learn, as in DPR, and the index is rebuilt after.
+    ``reranker``: a cross-encoder alone (``model.reranker``, rag_ray.reranker), listwise: each
+    question's gold passage against ``data.hard_negatives`` passages sampled from the retriever's
+    own top ``model.rerank_candidates`` (hybrid when ``model.hybrid``) that are from other documents
+    and lack the answer, i.e. the mistakes it will have to correct. Saved inside the model.
     """
 
     RAG = "rag"
     READER = "reader"
     RETRIEVER = "retriever"
+    RERANKER = "reranker"
 
     def __str__(self) -> str:
         return self.value
@@ -147,7 +152,8 @@ class TrainData:
     #: where the reader objective looks up each question's gold passage by doc_id
     corpus: str | None = None
     #: the retriever objective: BM25 hard negatives per question (top BM25 passages of other
-    #: documents that do not contain the answer; DPR uses 1)
+    #: documents that do not contain the answer; DPR uses 1); the reranker objective: negatives
+    #: per question sampled from the retriever's top ``model.rerank_candidates``
     hard_negatives: int = 1
     #: the rag objective: where retrieval misses a question's gold passage (a passage of its doc_id
     #: that holds the answer), it replaces the K-th retrieved one, so the generator learns to read
@@ -180,6 +186,12 @@ class TrainModel:
     #: the index's) on the passages' text instead of scoring their stored vectors. The index must
     #: then be rebuilt with it: ``rag-ray index --encoder <checkpoint>/passage_encoder``
     train_passage_encoder: bool = False
+    #: the reranker objective: where a new reranker starts when ``init_from`` has none (any encoder
+    #: checkpoint; its one-logit score head starts at random)
+    reranker: str = DEFAULT_ENCODER
+    #: candidates the model's reranker reads to pick n_docs (training and every later search);
+    #: None: the saved model's own (20 for a new one)
+    rerank_candidates: int | None = None
     label_smoothing: float = 0.0
     #: p(z|x) = softmax(scale · q·d): the scale to start from. None: 20.0 for a fresh model, the
     #: saved model's own for ``init_from`` (a model saved before the scale existed has 1.0).
@@ -193,7 +205,8 @@ class TrainModel:
     max_target_length: int | None = None
 
     def validate(self) -> list[str]:
-        problems = _at_least(1, self, "n_docs", "lexical_k", "max_source_length", "max_target_length")
+        problems = _at_least(1, self, "n_docs", "lexical_k", "max_source_length", "max_target_length",
+                             "rerank_candidates")
         problems += _positive(self, "doc_score_scale")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
@@ -322,6 +335,12 @@ class TrainConfig:
         return self.objective is Objective.RAG and self.model.mode.retrieves
 
     @property
+    def searches_in_training(self) -> bool:
+        """Whether training steps search the index: the rag objective in a retrieving mode, and the
+        reranker objective (its negatives are the retriever's candidates)."""
+        return self.retrieves_in_training or self.objective is Objective.RERANKER
+
+    @property
     def scores_passages(self) -> bool:
         """Whether the loss has q·d in it (the rag objective retrieving, or the retriever objective):
         only then do the query encoder and the scale on q·d get a gradient."""
@@ -338,6 +357,9 @@ class TrainConfig:
         mode = self.model.mode
         if self.retrieves_in_training and self.index is None:
             problems.append(f"index: model.mode {mode.value!r} retrieves passages, give an index directory")
+        if self.objective is Objective.RERANKER and self.index is None:
+            problems.append("index: objective 'reranker' learns to reorder the index's candidates; give an index "
+                            "directory")
         if self.objective is Objective.RETRIEVER:
             if self.index is None:
                 problems.append("index: objective 'retriever' trains against the index's stored passage vectors; "
@@ -470,6 +492,9 @@ class EvalConfig:
     #: read each question from its gold passage alone (a passage of its doc_id holding the answer,
     #: looked up in the index), no search: the reader's ceiling
     gold_passage: bool = False
+    #: a model with a reranker reads the reranker's top n_docs of its ``rerank_candidates``;
+    #: False: the retriever's top n_docs (the reranker's ablation)
+    rerank: bool = True
     report: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -119,15 +119,19 @@ def recall_intervals(ranked_doc_ids: list[list[str]], examples: Sequence[QAExamp
 
 def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], index_dir: str | Path,
                        ks: Sequence[int] = KS, batch_size: int = 64, bm25: bool = True, hybrid: bool = False,
-                       lexical_k: int | None = None) -> dict:
+                       lexical_k: int | None = None, reranker=None, rerank_candidates: int = 20) -> dict:
     """Dense (through the sharded retriever) and BM25 recall tables for the same questions;
-    ``hybrid`` adds the fused retriever's table and where its gold hits came from."""
-    k = max(ks)
+    ``hybrid`` adds the fused retriever's table and where its gold hits came from; a ``reranker``
+    adds a "reranked" table: the top ``rerank_candidates`` of the hybrid (else dense) list in the
+    reranker's order, the rest of the list after them."""
+    # a reranker reads its candidates even where the table stops short of them
+    k = max(*ks, rerank_candidates) if reranker is not None else max(ks)
     questions = [e.question for e in examples]
     doc_ids: list[list[str]] = []
     texts: list[list[str]] = []
     fused: dict[str, list[list[str]]] = {"doc_ids": [], "texts": [], "sources": []}
-    start, encode_s, hybrid_s = time.perf_counter(), 0.0, 0.0
+    reranked: dict[str, list[list[str]]] = {"doc_ids": [], "texts": []}
+    start, encode_s, hybrid_s, rerank_s = time.perf_counter(), 0.0, 0.0, 0.0
     for i in range(0, len(questions), batch_size):
         t0 = time.perf_counter()
         q = query_encoder.encode(questions[i : i + batch_size])
@@ -141,11 +145,19 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
             hybrid_s += time.perf_counter() - t1
             for name, attr in (("doc_ids", "doc_id"), ("texts", "text"), ("sources", "source")):
                 fused[name] += [[getattr(h, attr) for h in hits] for hits in res.hits]
+        if reranker is not None:
+            t2 = time.perf_counter()
+            heads = [hits[:rerank_candidates] for hits in res.hits]
+            for hits, head, order in zip(res.hits, heads, reranker.order(questions[i : i + batch_size], heads)):
+                ranked = [head[j] for j in order] + hits[len(head):]
+                reranked["doc_ids"].append([h.doc_id for h in ranked])
+                reranked["texts"].append([h.text for h in ranked])
+            rerank_s += time.perf_counter() - t2
         if (i // batch_size) % 5 == 4:
             done = i + batch_size
             log.info("dense retrieval: %d/%d questions (%.1f q/s)", done, len(questions),
                      done / (time.perf_counter() - start))
-    dense_s = time.perf_counter() - start - hybrid_s
+    dense_s = time.perf_counter() - start - hybrid_s - rerank_s
     report = {"questions": len(examples), "index": str(index_dir), "k": list(ks),
               "dense": recall_table(doc_ids, texts, examples, ks),
               "dense_ci95": recall_intervals(doc_ids, examples, ks),
@@ -156,6 +168,11 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
         report["hybrid_ci95"] = recall_intervals(fused["doc_ids"], examples, ks)
         report["hybrid_sources"] = gold_sources(fused["doc_ids"], fused["sources"], examples, ks)
         report["hybrid_seconds"] = round(hybrid_s, 2)
+    if reranker is not None:
+        report["reranked"] = recall_table(reranked["doc_ids"], reranked["texts"], examples, ks)
+        report["reranked_ci95"] = recall_intervals(reranked["doc_ids"], examples, ks)
+        report["reranked_seconds"] = round(rerank_s, 2)
+        report["rerank_candidates"] = rerank_candidates
     if bm25:
         passages = index_passages(index_dir)
         rows, bm25_s = bm25_rankings(passages, questions, k)
@@ -186,7 +203,7 @@ def exact_recall(query_encoder, passage_encoder, examples: Sequence[QAExample], 
 
 
 def format_table(report: dict) -> str:
-    systems = [s for s in ("dense", "bm25", "hybrid") if s in report]
+    systems = [s for s in ("dense", "bm25", "hybrid", "reranked") if s in report]
     keys = list(report["dense"].keys())
     lines = [f"{'metric':<20}" + "".join(f"{s:>10}" for s in systems)]
     for key in keys:
@@ -204,7 +221,8 @@ def format_table(report: dict) -> str:
 
 def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
                 num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16, span_recovery: bool = True,
-                hybrid: bool = False, lexical_k: int | None = None, gold_passage: bool = False) -> dict:
+                hybrid: bool = False, lexical_k: int | None = None, gold_passage: bool = False,
+                rerank: bool = True) -> dict:
     """Dev metrics of a RAG model on rows {question, answers, doc_id}:
 
     EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
@@ -213,7 +231,8 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     max(5, n_docs) passages; the model reads the first n_docs). Each question is embedded once:
     the same vector searches, generates and scores. ``span_recovery``: answers read back from the
     passage that holds them (RagPipeline's), as the CLI and Serve return them. ``hybrid``: BM25
-    candidates fused with the dense ones (RagPipeline's). ``gold_passage``: no search; each question is
+    candidates fused with the dense ones (RagPipeline's). ``rerank``: a model with a reranker reads
+    its top n_docs of ``rerank_candidates`` (RagPipeline's). ``gold_passage``: no search; each question is
     read from its gold passage alone (rows from ``with_index_gold_passages``), K=1: the
     reader's ceiling, what retrieval cannot improve on.
     """
@@ -223,7 +242,8 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     from rag_ray.pipeline import RagPipeline
 
     mode = Mode.parse(mode)
-    pipeline = RagPipeline(model, retriever, span_recovery=span_recovery, hybrid=hybrid, lexical_k=lexical_k)
+    pipeline = RagPipeline(model, retriever, span_recovery=span_recovery, hybrid=hybrid, lexical_k=lexical_k,
+                           rerank=rerank)
     was_training = model.training
     model.eval()
     k = max(5, n_docs)
@@ -358,16 +378,19 @@ def run_eval(cfg: EvalConfig) -> dict:
         report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                              span_recovery=cfg.span_recovery, hybrid=cfg.hybrid, lexical_k=cfg.lexical_k,
-                             gold_passage=cfg.gold_passage)
+                             gold_passage=cfg.gold_passage, rerank=cfg.rerank)
         if cfg.gold_passage:
             report["dev_without_gold_passage"] = dropped
         if cfg.retrieval:
+            reranker = model.reranker if cfg.rerank else None
             report["retrieval"] = evaluate_retrieval(retriever, model.query_encoder, examples, index, hybrid=cfg.hybrid,
-                                                     lexical_k=cfg.lexical_k)
+                                                     lexical_k=cfg.lexical_k, reranker=reranker,
+                                                     rerank_candidates=model.config.rerank_candidates)
     finally:
         if retriever is not None:
             retriever.shutdown()
-    report.update({"model": cfg.model, "mode": mode.value, "n_docs": n_docs})
+    report.update({"model": cfg.model, "mode": mode.value, "n_docs": n_docs,
+                   "reranked": bool(cfg.rerank and model.reranker is not None and not cfg.gold_passage)})
     if cfg.report:
         atomic_write_text(cfg.report, json.dumps(report, indent=2))
     return report

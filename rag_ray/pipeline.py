@@ -55,15 +55,18 @@ class RagPipeline:
     """A RagModel plus a Retriever (None for closed-book models). ``span_recovery``: answers that
     occur in a retrieved passage are returned as written there (False: the tokenizer's decode).
     ``hybrid``: searches also send the question strings, so BM25 candidates (top ``lexical_k``,
-    default the k asked for) are fused with the dense ones."""
+    default the k asked for) are fused with the dense ones. ``rerank``: when the model has a
+    reranker, each search fetches ``model.config.rerank_candidates`` and keeps the reranker's top k
+    (False: the retriever's top k)."""
 
     def __init__(self, model, retriever=None, *, span_recovery: bool = True, hybrid: bool = False,
-                 lexical_k: int | None = None) -> None:
+                 lexical_k: int | None = None, rerank: bool = True) -> None:
         self.model = model
         self.retriever = retriever
         self.span_recovery = span_recovery
         self.hybrid = hybrid
         self.lexical_k = lexical_k
+        self.use_reranker = rerank and getattr(model, "reranker", None) is not None
 
     def embed(self, questions: Sequence[str]) -> np.ndarray:
         """[B, D] float32 query vectors from the model's (possibly fine-tuned) query encoder."""
@@ -74,8 +77,18 @@ class RagPipeline:
         return self.search(questions, self.embed(questions), k)
 
     def search(self, questions: Sequence[str], question_vectors: np.ndarray, k: int) -> SearchResult:
-        """The retriever's top-k for already embedded questions; hybrid when the pipeline is."""
-        return self._retriever().search(question_vectors, k, **self.search_options(questions))
+        """The top-k for already embedded questions; hybrid when the pipeline is, reranked when
+        it reranks."""
+        result = self._retriever().search(question_vectors, self.candidates(k), **self.search_options(questions))
+        return self.rerank(questions, result, k)
+
+    def candidates(self, k: int) -> int:
+        """How many passages a search for the top k fetches: more when a reranker chooses among them."""
+        return max(k, self.model.config.rerank_candidates) if self.use_reranker else k
+
+    def rerank(self, questions: Sequence[str], result: SearchResult, k: int) -> SearchResult:
+        """The reranker's top k of a search's candidates; the result itself when not reranking."""
+        return self.model.reranker.rerank(list(questions), result, k) if self.use_reranker else result
 
     def search_options(self, questions: Sequence[str], hybrid: bool | None = None) -> dict:
         """The extra ``Retriever.search`` arguments that make a search hybrid (the questions and

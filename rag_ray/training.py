@@ -34,6 +34,7 @@ from rag_ray.datasets import QAExample, read_questions
 from rag_ray.encoders import Encoder
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
+from rag_ray.reranker import Reranker
 from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, exact_recall, gold_hit, gold_passage
 from rag_ray.types import Passage, SearchResult
 
@@ -59,6 +60,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
     m = cfg.model
     common = {"mode": m.mode, "n_docs": m.n_docs, "label_smoothing": m.label_smoothing,
               "learn_doc_score_scale": m.learn_doc_score_scale}
+    if m.rerank_candidates is not None:
+        common["rerank_candidates"] = m.rerank_candidates
     if m.init_from is not None:
         model = RagModel.from_pretrained(m.init_from, device=device)
         model.config = replace(model.config, **common)
@@ -69,8 +72,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
         model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device,
                                          **common, **scale)
     model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and cfg.scores_passages)
-    if cfg.objective is Objective.RETRIEVER:  # the query encoder alone learns
+    if cfg.objective in (Objective.RETRIEVER, Objective.RERANKER):  # the generator stays as it is
         model.generator.requires_grad_(False)
+    if cfg.objective is Objective.RERANKER:  # the reranker alone learns
+        if model.reranker is None:
+            model.reranker = Reranker.from_pretrained(m.reranker, device=device)
+            model.reranker.name = m.reranker
+    elif model.reranker is not None:
+        model.reranker.requires_grad_(False)
     if m.max_source_length is not None:
         model.generator.max_source_length = m.max_source_length
     if m.max_target_length is not None:
@@ -114,6 +123,8 @@ def build_optimizer(model: RagModel, cfg: TrainConfig, passage_encoder: Encoder 
         q_params += [p for p in passage_encoder.parameters() if p.requires_grad]
     if q_params:
         groups.append({"params": q_params, "lr": o.lr if o.query_encoder_lr is None else o.query_encoder_lr})
+    if model.reranker is not None:  # trained only by the reranker objective (frozen otherwise)
+        groups.append({"params": [p for p in model.reranker.parameters() if p.requires_grad], "lr": o.lr})
     if model.log_doc_score_scale.requires_grad:
         groups.append({"params": [model.log_doc_score_scale], "lr": o.lr, "weight_decay": 0.0})
     groups = [g for g in groups if g["params"]]  # e.g. the frozen generator of the retriever objective
@@ -158,6 +169,17 @@ class RetrievalLossModule(torch.nn.Module):
             vectors = self.passage_encoder.embed(list(positive_texts) + [t for row in negative_texts for t in row])
             positives, negatives = vectors[:b], vectors[b:].reshape(b, h, vectors.shape[-1])
         return self.model.retrieval_loss(questions, positives, positive_ids, negatives, negative_ids), None
+
+
+class RerankLossModule(torch.nn.Module):
+    """What DDP wraps for the reranker objective: the reranker's listwise loss, gold passage first."""
+
+    def __init__(self, model: RagModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, questions, candidates):
+        return self.model.reranker.listwise_loss(questions, candidates), None
 
 
 # ----------------------------------------------------------------------------- setup and step
@@ -209,6 +231,8 @@ def setup(cfg: TrainConfig, device: torch.device, checkpoint_dir: str | None = N
     model.train()
     if cfg.objective is Objective.RETRIEVER:
         loss_fn: torch.nn.Module = RetrievalLossModule(model, passage_encoder)
+    elif cfg.objective is Objective.RERANKER:
+        loss_fn = RerankLossModule(model)
     else:
         loss_fn = LossModule(model)
     if wrap is not None:
@@ -241,6 +265,9 @@ def train_step(state: TrainState, batch: dict, result: SearchResult | None) -> f
             loss, _ = state.loss_fn(questions, torch.as_tensor(batch["positive"]), [str(p) for p in batch["positive_id"]],
                                     torch.as_tensor(batch["negatives"]),
                                     [json.loads(ids) for ids in batch["negative_ids"]], **texts)
+        elif cfg.objective is Objective.RERANKER:
+            rng = np.random.default_rng((cfg.seed, state.step))
+            loss, _ = state.loss_fn(questions, reranker_candidates(batch, result, cfg.data.hard_negatives, rng))
         elif result is None:  # closed book: the generator alone
             loss, _ = state.loss_fn(questions, answers, None, None)
         else:
@@ -270,10 +297,11 @@ class Prefetcher:
     GIL while they wait, so shard search overlaps the local forward/backward)."""
 
     def __init__(self, model, retriever, k: int, enabled: bool, hybrid: bool = False,
-                 lexical_k: int | None = None) -> None:
+                 lexical_k: int | None = None, rerank: bool = True) -> None:
         from rag_ray.pipeline import RagPipeline
 
-        self.pipeline = None if retriever is None else RagPipeline(model, retriever, hybrid=hybrid, lexical_k=lexical_k)
+        self.pipeline = None if retriever is None else RagPipeline(model, retriever, hybrid=hybrid, lexical_k=lexical_k,
+                                                                   rerank=rerank)
         self.k = k
         self.pool = ThreadPoolExecutor(max_workers=1) if enabled else None
 
@@ -378,6 +406,22 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int,
 
 
 GOLD_FIELDS = ("positive_id", "positive_doc", "positive_title", "positive_text")
+
+
+def reranker_candidates(batch: dict, result: SearchResult, negatives: int, rng: np.random.Generator) -> list[list[str]]:
+    """Each question's gold passage text (``with_retrieval_targets``' positive), then up to
+    ``negatives`` texts sampled from its retrieved candidates that are from other documents and do
+    not hold an answer: the reranker's listwise targets, as the index build embeds passage text."""
+    from rag_ray.evaluation import has_answer
+
+    out = []
+    for i, hits in enumerate(result.hits):
+        answers = json.loads(batch["answers"][i])
+        wrong = [h for h in hits if h.doc_id != str(batch["positive_doc"][i]) and not has_answer(h.text, answers)]
+        picked = sorted(rng.choice(len(wrong), size=min(negatives, len(wrong)), replace=False)) if wrong else []
+        out.append([embedding_text(str(batch["positive_title"][i]), str(batch["positive_text"][i]))]
+                   + [embedding_text(wrong[j].title, wrong[j].text) for j in picked])
+    return out
 
 
 def with_gold_in_top_k(result: SearchResult, batch: dict) -> SearchResult:
@@ -511,8 +555,10 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     state = _setup_worker(cfg)
     batches = cycle_batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size)
-    prefetch = Prefetcher(state.model, retriever if cfg.retrieves_in_training else None, cfg.model.n_docs,
-                          cfg.prefetch, cfg.model.hybrid, cfg.model.lexical_k)
+    reranking = cfg.objective is Objective.RERANKER  # then the retriever's own candidates, not reranked
+    prefetch = Prefetcher(state.model, retriever if cfg.searches_in_training else None,
+                          state.model.config.rerank_candidates if reranking else cfg.model.n_docs,
+                          cfg.prefetch, cfg.model.hybrid, cfg.model.lexical_k, rerank=not reranking)
     retrieval_log: list[dict] = []
     data_start = time.perf_counter()
     batch = next(batches)  # starts Ray Data's streaming split: a fixed cost, reported on its own
@@ -543,6 +589,9 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(evaluate_recall_reembedded(state, dev_rows))
             elif rank == 0 and dev_rows and evaluate and cfg.objective is Objective.RETRIEVER:
                 metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index))
+            elif rank == 0 and dev_rows and evaluate and cfg.objective is Objective.RERANKER:
+                metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index, rerank=True,
+                                               hybrid=cfg.model.hybrid, lexical_k=cfg.model.lexical_k))
             elif rank == 0 and dev_rows and evaluate:
                 metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
                                            mode=cfg.model.mode, n_docs=cfg.model.n_docs, decoding=cfg.eval.decoding,
@@ -560,16 +609,34 @@ def train_loop_per_worker(config: dict) -> None:
     prefetch.close()
 
 
-def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str) -> dict:
-    """dev_recall@1/5/20 (gold doc) of the model's query encoder: the retriever objective's score."""
+def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str, rerank: bool = False,
+                    hybrid: bool = False, lexical_k: int | None = None) -> dict:
+    """dev_recall@1/5/20 (gold doc) of the model's query encoder (the retriever objective's
+    score), or with ``rerank`` of its reranker's order of the (hybrid) candidates (the reranker's)."""
     examples = [QAExample(r["question"], tuple(r["answers"]), r["doc_id"] or None) for r in dev_rows]
-    return _dev_recall(evaluate_retrieval(retriever, model.query_encoder, examples, index, ks=(1, 5, 20), bm25=False))
+    was_training = model.training
+    model.eval()
+    try:
+        report = evaluate_retrieval(retriever, model.query_encoder, examples, index, ks=(1, 5, 20), bm25=False,
+                                    hybrid=rerank and hybrid, lexical_k=lexical_k,
+                                    reranker=model.reranker if rerank else None,
+                                    rerank_candidates=model.config.rerank_candidates)
+    finally:
+        model.train(was_training)
+    if rerank:
+        print(f"[rag_ray.train] recall reranked: {_rounded(report['reranked'])}, before: "
+              f"{_rounded(report['hybrid' if hybrid else 'dense'])}", flush=True)
+    return _dev_recall(report, "reranked" if rerank else "dense")
 
 
-def _dev_recall(report: dict) -> dict:
-    """A retrieval report's dense recall (and its intervals) as the run's ``dev_*`` metrics."""
-    out = {f"dev_{k}": v for k, v in report["dense"].items() if not k.startswith("answer_")}
-    return {**out, **{f"dev_{k}_ci95": v for k, v in report["dense_ci95"].items()}}
+def _rounded(table: dict) -> dict:
+    return {k: round(v, 4) for k, v in table.items() if k.startswith("recall@")}
+
+
+def _dev_recall(report: dict, system: str = "dense") -> dict:
+    """A retrieval report's recall (and its intervals) of one system as the run's ``dev_*`` metrics."""
+    out = {f"dev_{k}": v for k, v in report[system].items() if not k.startswith("answer_")}
+    return {**out, **{f"dev_{k}_ci95": v for k, v in report[f"{system}_ci95"].items()}}
 
 
 def evaluate_recall_reembedded(state: TrainState, dev_rows: list[dict]) -> dict:
@@ -588,7 +655,7 @@ def evaluate_recall_reembedded(state: TrainState, dev_rows: list[dict]) -> dict:
     with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.cfg.optim.precision == "bf16"):
         report = exact_recall(state.model.query_encoder, state.passage_encoder, examples, state.cfg.index, (1, 5, 20))
     print(f"[rag_ray.train] recall with re-embedded passages at step {state.step}: "
-          f"{ {k: round(v, 4) for k, v in report['dense'].items() if k.startswith('recall@')} }", flush=True)
+          f"{_rounded(report['dense'])}", flush=True)
     return _dev_recall(report)
 
 
@@ -671,6 +738,10 @@ def run_training(cfg: TrainConfig) -> dict:
                                                 texts=cfg.model.train_passage_encoder)
         print(f"[rag_ray.train] retriever: {len(train)} questions with a gold passage and {cfg.data.hard_negatives} "
               f"BM25 hard negatives, {dropped} without", flush=True)
+    elif cfg.objective is Objective.RERANKER:
+        train, dropped = with_retrieval_targets(train, cfg.index, 0)
+        print(f"[rag_ray.train] reranker: {len(train)} questions with a gold passage in the index, {dropped} "
+              f"without; {cfg.data.hard_negatives} negatives each from the retriever's candidates", flush=True)
     elif cfg.retrieves_in_training and cfg.data.gold_in_top_k:
         train, dropped = with_retrieval_targets(train, cfg.index, 0)
         print(f"[rag_ray.train] gold in top K: {len(train)} questions with a gold passage in the index, "
@@ -680,8 +751,8 @@ def run_training(cfg: TrainConfig) -> dict:
                 and (cfg.index is not None or not cfg.model.mode.retrieves))
     dev = read_questions(cfg.data.dev, limit=cfg.eval.questions) if evaluate else []
     # a retriever run is scored by recall whatever the mode; any other reads answers over retrieval
-    scores_retrieval = cfg.model.mode.retrieves or cfg.objective is Objective.RETRIEVER
-    needs_index = cfg.retrieves_in_training or (scores_retrieval and bool(dev))
+    scores_retrieval = cfg.model.mode.retrieves or cfg.objective in (Objective.RETRIEVER, Objective.RERANKER)
+    needs_index = cfg.searches_in_training or (scores_retrieval and bool(dev))
     retriever = Retriever.load(cfg.index) if needs_index else None
     # what every saved model records: how it was trained, and against which index version
     trained_against = needs_index or cfg.objective is Objective.RETRIEVER  # it learned the index's vectors

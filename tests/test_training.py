@@ -469,3 +469,80 @@ def test_shuffle_mixes_articles_in_every_batch_and_reshuffles_each_epoch(ray_loc
         assert sorted(q for b in epoch for q in b["question"].tolist()) == sorted(r["question"] for r in rows)
     order = [[q for b in epoch for q in b["question"].tolist()] for epoch in (first, second)]
     assert order[0] != order[1]  # a new order each epoch
+
+
+def test_reranker_objective_puts_the_gold_passage_first_and_ships_inside_the_model(setup):
+    """A query encoder that ranks the gold passages about at random; the reranker objective trains
+    a tiny cross-encoder on the retriever's own candidates and must lift recall@1 of its order, save
+    it inside the model (which every search of a RagPipeline then uses), and leave the query
+    encoder and the generator as they were."""
+    import numpy as np
+
+    from rag_ray.datasets import QAExample
+    from rag_ray.evaluation import evaluate_retrieval, index_passages, index_vectors
+    from rag_ray.pipeline import RagPipeline
+
+    from transformers import AutoModel
+
+    from rag_ray.encoders import resolve_model_path
+    from rag_ray.reranker import Reranker
+
+    root, questions = setup
+    untuned = _untuned_query_model(root, seed=123, name="untuned_for_reranker")
+    examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
+    # MiniLM cut to one layer, 64 tokens, no dropout: pretrained token vectors let a cross-encoder
+    # match question and passage words in a hundred steps (a tiny random BERT stalls for hundreds)
+    AutoModel.from_pretrained(resolve_model_path(DEFAULT_ENCODER), num_hidden_layers=1, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0).save_pretrained(root / "minilm_1_layer")
+    Reranker.from_pretrained(DEFAULT_ENCODER).tokenizer.save_pretrained(root / "minilm_1_layer")
+    Reranker.from_pretrained(str(root / "minilm_1_layer"), max_length=64).save_pretrained(root / "reranker_init")
+    report = run_training(_cfg(root, questions, "reranker", {
+        "objective": "reranker", "model.init_from": str(root / "untuned_for_reranker"),
+        "model.reranker": str(root / "reranker_init"), "model.rerank_candidates": 9, "data.hard_negatives": 3,
+        "optim.lr": 1.5e-4, "optim.warmup_steps": 10, "scaling.num_workers": 1, "optim.batch_size": 4,
+        "optim.max_steps": 150, "eval.every": 150, "checkpoint.every": 150}))
+    m = report["metrics"]
+    assert m["step"] == 150 and "dev_recall@1" in m and "dev_em" not in m
+    trained = RagModel.from_pretrained(report["model"], device="cpu")
+    assert trained.reranker is not None and trained.config.rerank_candidates == 9
+    for a, b in [*zip(untuned.generator.parameters(), trained.generator.parameters()),
+                 *zip(untuned.query_encoder.parameters(), trained.query_encoder.parameters())]:
+        assert torch.equal(a, b)
+    retriever = Retriever.load(root / "index")
+    try:
+        report = evaluate_retrieval(retriever, trained.query_encoder, examples, root / "index", ks=(1, 5), bm25=False,
+                                    reranker=trained.reranker, rerank_candidates=9)
+        before, after = report["dense"]["recall@1"], report["reranked"]["recall@1"]
+        # an untrained score head orders the 9 passages at random (recall@1 about 0.1); the toy's
+        # three short geography passages stay hard to tell apart for a one-layer model
+        assert before <= 0.4 and after >= max(0.6, before + 0.4), (before, after)
+        assert report["reranked"]["recall@5"] >= report["dense"]["recall@5"] + 0.4
+        assert after == pytest.approx(m["dev_recall@1"])
+        # a pipeline over the saved model reads the reranker's top k, each hit with its own stored vector
+        pipeline = RagPipeline(trained, retriever)
+        result = pipeline.retrieve([e.question for e in examples], k=2)
+        assert [hits[0].doc_id for hits in result.hits] == [
+            r[0] for r in evaluate_retrieval_orders(trained, retriever, examples)]
+        passages = index_passages(root / "index")
+        row_of = {pid: r for r, pid in enumerate(passages["passage_id"])}
+        stored = index_vectors(root / "index", range(len(row_of)))
+        for hits, vectors in zip(result.hits, result.vectors):
+            for h, v in zip(hits, vectors):
+                np.testing.assert_allclose(v, stored[row_of[h.passage_id]], rtol=1e-3, atol=1e-3)
+        plain = RagPipeline(trained, retriever, rerank=False).retrieve([e.question for e in examples], k=2)
+        dense = retriever.search(trained.query_encoder.encode([e.question for e in examples]), 2)
+        assert [[h.passage_id for h in hits] for hits in plain.hits] == [[h.passage_id for h in hits]
+                                                                         for hits in dense.hits]
+    finally:
+        retriever.shutdown()
+    with pytest.raises(RagRayError, match="objective 'reranker'"):
+        _cfg(root, questions, "x", {"objective": "reranker", "index": None})
+
+
+def evaluate_retrieval_orders(model: RagModel, retriever: Retriever, examples) -> list[list[str]]:
+    """The doc ids of each question's 9 candidates in the reranker's order, computed here from the
+    reranker's scores of the dense top 9 (what RagPipeline must return the head of)."""
+    questions = [e.question for e in examples]
+    dense = retriever.search(model.query_encoder.encode(questions), 9, vectors=False)
+    orders = model.reranker.order(questions, dense.hits)
+    return [[hits[j].doc_id for j in order] for hits, order in zip(dense.hits, orders)]

@@ -1,0 +1,123 @@
+"""A cross-encoder reranker: question and passage read together, one relevance score out.
+
+Why: a bi-encoder squeezes each passage into one vector before it sees the question, so its
+first place is often a passage about the right topic rather than the one holding the answer. A
+cross-encoder attends across the question's and the passage's tokens (Nogueira & Cho, 2019,
+"Passage Re-ranking with BERT"); it is far too slow to scan an index but cheap on the
+retriever's top N. It only decides *which* K passages the generator reads and in what order:
+p(z|x) stays softmax(scale · q·d) of the stored vectors, so the answer loss still trains the
+query encoder. It is part of a saved RagModel (``<model>/reranker``) when one was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rag_ray.corpus import embedding_text
+from rag_ray.encoders import bf16_is_native, resolve_model_path
+from rag_ray.errors import RagRayError
+from rag_ray.types import Hit, SearchResult
+
+_SETTINGS_FILE = "rag_ray_reranker.json"
+
+
+class Reranker(torch.nn.Module):
+    """A transformer with a one-logit head over "[CLS] question [SEP] title. passage [SEP]"."""
+
+    def __init__(self, model, tokenizer, max_length: int = 256, name: str = "") -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        #: where the weights came from (a hub id or path), recorded with the saved model
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, max_length: int | None = None,
+                        device: str | torch.device | None = None) -> "Reranker":
+        """A saved reranker, or a new one from any encoder checkpoint (its score head then starts
+        at random: train it with ``objective: reranker``)."""
+        path = resolve_model_path(name_or_path)
+        settings_file = Path(path) / _SETTINGS_FILE
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        except OSError as exc:
+            raise RagRayError(f"cannot load a reranker from {name_or_path!r}: {exc}") from None
+        limit = min(getattr(tokenizer, "model_max_length", 512), getattr(model.config, "max_position_embeddings", 512))
+        length = min(max_length or settings.get("max_length") or 256, limit)
+        reranker = cls(model, tokenizer, int(length), settings.get("name", name_or_path))
+        return reranker.to(device) if device is not None else reranker
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)  # safetensors
+        self.tokenizer.save_pretrained(path)
+        (path / _SETTINGS_FILE).write_text(json.dumps({"max_length": self.max_length, "name": self.name}))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, questions: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+        """[N] logits for N (question, passage text) pairs; the passage is cut, never the question."""
+        batch = self.tokenizer(list(questions), list(texts), truncation="only_second", max_length=self.max_length,
+                               padding=True, return_tensors="pt").to(self.device)
+        return self.model(**batch).logits.squeeze(-1).float()
+
+    def listwise_loss(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Cross-entropy of the first candidate (the gold passage) against the others of its own
+        question: each question's list may be a different length."""
+        if len(questions) != len(candidates) or any(not c for c in candidates):
+            raise RagRayError("listwise_loss needs one non-empty candidate list per question, gold passage first")
+        pairs_q = [q for q, c in zip(questions, candidates) for _ in c]
+        logits = self(pairs_q, [t for c in candidates for t in c])
+        width = max(len(c) for c in candidates)
+        table = logits.new_full((len(candidates), width), float("-inf"))
+        at = 0
+        for i, c in enumerate(candidates):
+            table[i, : len(c)] = logits[at : at + len(c)]
+            at += len(c)
+        return torch.nn.functional.cross_entropy(table, torch.zeros(len(candidates), dtype=torch.long,
+                                                                    device=table.device))
+
+    @torch.no_grad()
+    def scores(self, questions: Sequence[str], candidates: Sequence[Sequence[str]],
+               batch_size: int = 64) -> list[np.ndarray]:
+        """Each question's candidate scores (higher: more relevant), in batches of ``batch_size`` pairs."""
+        pairs = [(q, t) for q, c in zip(questions, candidates) for t in c]
+        flat: list[np.ndarray] = []
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_is_native(self.device)):
+                flat.append(self([q for q, _ in chunk], [t for _, t in chunk]).cpu().numpy())
+        all_scores = np.concatenate(flat) if flat else np.zeros(0, np.float32)
+        out, at = [], 0
+        for c in candidates:
+            out.append(all_scores[at : at + len(c)])
+            at += len(c)
+        return out
+
+    def order(self, questions: Sequence[str], hits: Sequence[Sequence[Hit]]) -> list[list[int]]:
+        """For each question, its hits' positions best first."""
+        texts = [[embedding_text(h.title, h.text) for h in row] for row in hits]
+        return [list(np.argsort(-s, kind="stable")) for s in self.scores(questions, texts)]
+
+    def rerank(self, questions: Sequence[str], result: SearchResult, k: int) -> SearchResult:
+        """The top ``k`` of each question's hits by this reranker (their stored vectors follow)."""
+        orders = [o[:k] for o in self.order(questions, result.hits)]
+        hits = [[row[j] for j in o] for row, o in zip(result.hits, orders)]
+        vectors = None
+        if result.vectors is not None:
+            vectors = np.zeros((len(hits), k, result.vectors.shape[-1]), dtype=np.float32)
+            for i, o in enumerate(orders):
+                vectors[i, : len(o)] = result.vectors[i, o]
+        return SearchResult(hits=hits, vectors=vectors)
