@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
-ALL="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid reader-2 eval-gold-2 eval-hybrid-2 eval-hybrid-2-k1 closed-book rag-seq-frozen rag-seq rag-seq-gold rag-seq-hybrid rag-token rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough retriever-dpr retrieval-dpr eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 rag-seq-dpr eval-seq-dpr-k1"
+ALL="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid reader-2 eval-gold-2 eval-hybrid-2 eval-hybrid-2-k1 closed-book rag-seq-frozen rag-seq rag-seq-gold rag-seq-hybrid rag-token rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough retriever-dpr retrieval-dpr eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 rag-seq-dpr eval-seq-dpr-k1 reranker eval-reranker-k1 eval-reranker"
 ROWS=${ROWS:-$ALL}
 ALL="$ALL reader-3 eval-gold-3 retriever-dpr-2 retrieval-dpr-2"  # printed in the table when run
 EXTRA=("$@")
@@ -124,6 +124,14 @@ if [ -f "$OUT/retriever-dpr.json" ]; then
     --set data.gold_in_top_k=true --set optim.lr=3e-5 "${DEV[@]}"
   if [ -f "$OUT/rag-seq-dpr.json" ]; then
     IDX=$DPR_INDEX evaluate eval-seq-dpr-k1 "$(model_of rag-seq-dpr)" --hybrid --n-docs 1
+    # 8. a cross-encoder reranker trained on that model's own hybrid top-20 (its recall is the
+    # run's report), then the model with it reading the reranker's top 1 and top 3 of 20
+    train reranker jobs/configs/train_reranker_squad_open_cpu.yaml --set index="$DPR_INDEX" \
+      --set model.init_from="$(model_of rag-seq-dpr)"
+    if [ -f "$OUT/reranker.json" ]; then
+      IDX=$DPR_INDEX evaluate eval-reranker-k1 "$(model_of reranker)" --hybrid --n-docs 1
+      IDX=$DPR_INDEX evaluate eval-reranker "$(model_of reranker)" --hybrid
+    fi
   fi
 fi
 

@@ -623,10 +623,14 @@ def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str
                                     rerank_candidates=model.config.rerank_candidates)
     finally:
         model.train(was_training)
-    if rerank:
-        print(f"[rag_ray.train] recall reranked: {_rounded(report['reranked'])}, before: "
-              f"{_rounded(report['hybrid' if hybrid else 'dense'])}", flush=True)
-    return _dev_recall(report, "reranked" if rerank else "dense")
+    if not rerank:
+        return _dev_recall(report, "dense")
+    before = "hybrid" if hybrid else "dense"
+    print(f"[rag_ray.train] recall reranked: {_rounded(report['reranked'])}, before: {_rounded(report[before])}",
+          flush=True)
+    # the candidates' own order too, for the before and after in one report
+    return {**_dev_recall(report, "reranked"),
+            **{k.replace("dev_", "dev_candidates_", 1): v for k, v in _dev_recall(report, before).items()}}
 
 
 def _rounded(table: dict) -> dict:

@@ -517,7 +517,7 @@ def test_reranker_objective_puts_the_gold_passage_first_and_ships_inside_the_mod
         # three short geography passages stay hard to tell apart for a one-layer model
         assert before <= 0.4 and after >= max(0.6, before + 0.4), (before, after)
         assert report["reranked"]["recall@5"] >= report["dense"]["recall@5"] + 0.4
-        assert after == pytest.approx(m["dev_recall@1"])
+        assert after == pytest.approx(m["dev_recall@1"]) and before == pytest.approx(m["dev_candidates_recall@1"])
         # a pipeline over the saved model reads the reranker's top k, each hit with its own stored vector
         pipeline = RagPipeline(trained, retriever)
         result = pipeline.retrieve([e.question for e in examples], k=2)
