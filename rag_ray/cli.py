@@ -143,23 +143,39 @@ def cmd_eval_retrieval(args) -> int:
 
     examples = read_questions(args.questions, limit=args.limit)
     encoder = _query_encoder(args.index, args.encoder)
+    reranker, candidates = _reranker(args.reranker, args.rerank_candidates, encoder.device)
     _ray(args)
     retriever = Retriever.load(args.index, query_encoder=encoder)
     ks = tuple(k for k in KS if k <= args.max_k)
-    reranker = None
-    if args.rerank_candidates < 1:
-        raise RagRayError(f"--rerank-candidates must be >= 1, got {args.rerank_candidates}")
-    if args.reranker:  # a saved model's reranker, or a reranker directory
-        from rag_ray.reranker import Reranker
-
-        path = Path(args.reranker)
-        reranker = Reranker.from_pretrained(str(path / "reranker" if (path / "reranker").is_dir() else path))
-    report = evaluate_retrieval(retriever, encoder, examples, args.index, ks=ks, bm25=not args.no_bm25,
-                                hybrid=args.hybrid, lexical_k=args.lexical_k, reranker=reranker,
-                                rerank_candidates=args.rerank_candidates)
-    retriever.shutdown()
+    try:
+        report = evaluate_retrieval(retriever, encoder, examples, args.index, ks=ks, bm25=not args.no_bm25,
+                                    hybrid=args.hybrid, lexical_k=args.lexical_k, reranker=reranker,
+                                    rerank_candidates=candidates)
+    finally:
+        retriever.shutdown()
     print(json.dumps(report) if args.json else format_table(report))
     return 0
+
+
+def _reranker(path: str | None, candidates: int | None, device):
+    """(reranker, its number of candidates) for --reranker: a saved model's (with the model's own
+    rerank_candidates unless given) or a reranker directory's (20 unless given); (None, 20) without."""
+    if candidates is not None and not 1 <= candidates <= 2048:
+        raise RagRayError(f"--rerank-candidates must be in 1..2048, got {candidates}")
+    if not path:
+        return None, candidates or 20
+    from rag_ray.reranker import Reranker
+
+    root = Path(path)
+    if (root / "rag_config.json").is_file():  # a saved RagModel
+        if not (root / "reranker").is_dir():
+            raise RagRayError(f"{path} has no reranker (train one with objective: reranker)")
+        if candidates is None:
+            candidates = json.loads((root / "rag_config.json").read_text())["config"].get("rerank_candidates", 20)
+        root = root / "reranker"
+    elif not root.is_dir():
+        raise RagRayError(f"--reranker {path}: no such directory")
+    return Reranker.from_pretrained(str(root), device=device), candidates or 20
 
 
 def _pipeline(args, mode):
@@ -349,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bm25", action="store_true")
     p.add_argument("--reranker", help="a saved model with a reranker (or a reranker directory): adds a 'reranked' "
                                       "column, its order of the hybrid (else dense) top --rerank-candidates")
-    p.add_argument("--rerank-candidates", type=int, default=20)
+    p.add_argument("--rerank-candidates", type=int,
+                   help="candidates the reranker orders (default: the model's own, else 20)")
     _add_hybrid(p)
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)

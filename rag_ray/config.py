@@ -207,6 +207,8 @@ class TrainModel:
     def validate(self) -> list[str]:
         problems = _at_least(1, self, "n_docs", "lexical_k", "max_source_length", "max_target_length",
                              "rerank_candidates")
+        if self.rerank_candidates is not None and self.rerank_candidates > 2048:
+            problems.append(f"rerank_candidates: at most 2048 (the retriever's largest k), got {self.rerank_candidates}")
         problems += _positive(self, "doc_score_scale")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")

@@ -122,10 +122,9 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
                        lexical_k: int | None = None, reranker=None, rerank_candidates: int = 20) -> dict:
     """Dense (through the sharded retriever) and BM25 recall tables for the same questions;
     ``hybrid`` adds the fused retriever's table and where its gold hits came from; a ``reranker``
-    adds a "reranked" table: the top ``rerank_candidates`` of the hybrid (else dense) list in the
-    reranker's order, the rest of the list after them."""
-    # a reranker reads its candidates even where the table stops short of them
-    k = max(*ks, rerank_candidates) if reranker is not None else max(ks)
+    adds a "reranked" table: the hybrid (else dense) top ``rerank_candidates``, searched for as
+    RagPipeline does, in the reranker's order, and the rest of the longer list after them."""
+    k = max(ks)
     questions = [e.question for e in examples]
     doc_ids: list[list[str]] = []
     texts: list[list[str]] = []
@@ -145,11 +144,14 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
             hybrid_s += time.perf_counter() - t1
             for name, attr in (("doc_ids", "doc_id"), ("texts", "text"), ("sources", "source")):
                 fused[name] += [[getattr(h, attr) for h in hits] for hits in res.hits]
-        if reranker is not None:
+        if reranker is not None:  # its own search for its candidates, as RagPipeline makes it
             t2 = time.perf_counter()
-            heads = [hits[:rerank_candidates] for hits in res.hits]
-            for hits, head, order in zip(res.hits, heads, reranker.order(questions[i : i + batch_size], heads)):
-                ranked = [head[j] for j in order] + hits[len(head):]
+            chunk = questions[i : i + batch_size]
+            heads = retriever.search(q, rerank_candidates, vectors=False,
+                                     **({"questions": chunk, "lexical_k": lexical_k} if hybrid else {})).hits
+            for hits, head, order in zip(res.hits, heads, reranker.order(chunk, heads)):
+                seen = {h.passage_id for h in head}  # below them, the rest of the (longer) list
+                ranked = [head[j] for j in order] + [h for h in hits if h.passage_id not in seen]
                 reranked["doc_ids"].append([h.doc_id for h in ranked])
                 reranked["texts"].append([h.text for h in ranked])
             rerank_s += time.perf_counter() - t2
@@ -390,7 +392,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         if retriever is not None:
             retriever.shutdown()
     report.update({"model": cfg.model, "mode": mode.value, "n_docs": n_docs,
-                   "reranked": bool(cfg.rerank and model.reranker is not None and not cfg.gold_passage)})
+                   "reranked": bool(cfg.rerank and model.reranker is not None and mode.retrieves
+                                    and not cfg.gold_passage)})
     if cfg.report:
         atomic_write_text(cfg.report, json.dumps(report, indent=2))
     return report

@@ -79,8 +79,8 @@ class RagConfig:
             raise RagRayError(f"n_docs must be >= 1, got {self.n_docs}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise RagRayError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.rerank_candidates < 1:
-            raise RagRayError(f"rerank_candidates must be >= 1, got {self.rerank_candidates}")
+        if not 1 <= self.rerank_candidates <= 2048:  # the retriever's largest k
+            raise RagRayError(f"rerank_candidates must be in 1..2048, got {self.rerank_candidates}")
         if self.num_beams < 1 or self.max_new_tokens < 1:
             raise RagRayError(
                 f"num_beams and max_new_tokens must be >= 1, got {self.num_beams}, {self.max_new_tokens}"

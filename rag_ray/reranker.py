@@ -68,8 +68,9 @@ class Reranker(torch.nn.Module):
         return next(self.model.parameters()).device
 
     def forward(self, questions: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
-        """[N] logits for N (question, passage text) pairs; the passage is cut, never the question."""
-        batch = self.tokenizer(list(questions), list(texts), truncation="only_second", max_length=self.max_length,
+        """[N] logits for N (question, passage text) pairs, cut to ``max_length`` tokens from the
+        longer of the two (the passage, unless a question is longer than it)."""
+        batch = self.tokenizer(list(questions), list(texts), truncation="longest_first", max_length=self.max_length,
                                padding=True, return_tensors="pt").to(self.device)
         return self.model(**batch).logits.squeeze(-1).float()
 
@@ -95,10 +96,15 @@ class Reranker(torch.nn.Module):
         """Each question's candidate scores (higher: more relevant), in batches of ``batch_size`` pairs."""
         pairs = [(q, t) for q, c in zip(questions, candidates) for t in c]
         flat: list[np.ndarray] = []
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_is_native(self.device)):
-                flat.append(self([q for q, _ in chunk], [t for _, t in chunk]).cpu().numpy())
+        was_training = self.training
+        self.eval()  # no dropout, also when a model with a reranker is in training
+        try:
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i : i + batch_size]
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_is_native(self.device)):
+                    flat.append(self([q for q, _ in chunk], [t for _, t in chunk]).cpu().numpy())
+        finally:
+            self.train(was_training)
         all_scores = np.concatenate(flat) if flat else np.zeros(0, np.float32)
         out, at = [], 0
         for c in candidates:

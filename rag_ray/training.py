@@ -77,7 +77,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
     if cfg.objective is Objective.RERANKER:  # the reranker alone learns
         if model.reranker is None:
             model.reranker = Reranker.from_pretrained(m.reranker, device=device)
-            model.reranker.name = m.reranker
     elif model.reranker is not None:
         model.reranker.requires_grad_(False)
     if m.max_source_length is not None:
@@ -373,8 +372,9 @@ def with_retrieval_targets(rows: list[dict], index: str, hard_negatives: int,
             kept.append(row)
             gold.append(r)
     if not kept:
-        raise RagRayError(f"no training question has a gold passage in {index} (the retriever objective and "
-                          "data.gold_in_top_k need questions whose doc_id is a document id of the index)")
+        raise RagRayError(f"no training question has a gold passage in {index} (the retriever and reranker "
+                          "objectives and data.gold_in_top_k need questions whose doc_id is a document id of the "
+                          "index)")
     negatives: list[list[int]] = [[] for _ in kept]
     if hard_negatives:
         ranked, _ = bm25_rankings(passages, [row["question"] for row in kept], hard_negatives + 30)
@@ -587,10 +587,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = progress.metrics(state)
             if rank == 0 and dev_rows and evaluate and state.passage_encoder is not None:
                 metrics.update(evaluate_recall_reembedded(state, dev_rows))
-            elif rank == 0 and dev_rows and evaluate and cfg.objective is Objective.RETRIEVER:
-                metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index))
-            elif rank == 0 and dev_rows and evaluate and cfg.objective is Objective.RERANKER:
-                metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index, rerank=True,
+            elif rank == 0 and dev_rows and evaluate and cfg.objective in (Objective.RETRIEVER, Objective.RERANKER):
+                metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index, rerank=reranking,
                                                hybrid=cfg.model.hybrid, lexical_k=cfg.model.lexical_k))
             elif rank == 0 and dev_rows and evaluate:
                 metrics.update(evaluate_qa(state.model, retriever if cfg.model.mode.retrieves else None, dev_rows,
@@ -612,7 +610,8 @@ def train_loop_per_worker(config: dict) -> None:
 def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str, rerank: bool = False,
                     hybrid: bool = False, lexical_k: int | None = None) -> dict:
     """dev_recall@1/5/20 (gold doc) of the model's query encoder (the retriever objective's
-    score), or with ``rerank`` of its reranker's order of the (hybrid) candidates (the reranker's)."""
+    score), or with ``rerank`` of its reranker's order of the (hybrid) candidates (the reranker's),
+    then with the candidates' own order as ``dev_candidates_*``."""
     examples = [QAExample(r["question"], tuple(r["answers"]), r["doc_id"] or None) for r in dev_rows]
     was_training = model.training
     model.eval()

@@ -471,7 +471,7 @@ def test_shuffle_mixes_articles_in_every_batch_and_reshuffles_each_epoch(ray_loc
     assert order[0] != order[1]  # a new order each epoch
 
 
-def test_reranker_objective_puts_the_gold_passage_first_and_ships_inside_the_model(setup):
+def test_reranker_objective_puts_the_gold_passage_first_and_ships_inside_the_model(setup, capsys):
     """A query encoder that ranks the gold passages about at random; the reranker objective trains
     a tiny cross-encoder on the retriever's own candidates and must lift recall@1 of its order, save
     it inside the model (which every search of a RagPipeline then uses), and leave the query
@@ -487,6 +487,8 @@ def test_reranker_objective_puts_the_gold_passage_first_and_ships_inside_the_mod
     from rag_ray.encoders import resolve_model_path
     from rag_ray.reranker import Reranker
 
+    import json
+
     root, questions = setup
     untuned = _untuned_query_model(root, seed=123, name="untuned_for_reranker")
     examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
@@ -501,9 +503,9 @@ def test_reranker_objective_puts_the_gold_passage_first_and_ships_inside_the_mod
         "model.reranker": str(root / "reranker_init"), "model.rerank_candidates": 9, "data.hard_negatives": 3,
         "optim.lr": 1.5e-4, "optim.warmup_steps": 10, "scaling.num_workers": 1, "optim.batch_size": 4,
         "optim.max_steps": 150, "eval.every": 150, "checkpoint.every": 150}))
-    m = report["metrics"]
+    m, report_model = report["metrics"], report["model"]
     assert m["step"] == 150 and "dev_recall@1" in m and "dev_em" not in m
-    trained = RagModel.from_pretrained(report["model"], device="cpu")
+    trained = RagModel.from_pretrained(report_model, device="cpu")
     assert trained.reranker is not None and trained.config.rerank_candidates == 9
     for a, b in [*zip(untuned.generator.parameters(), trained.generator.parameters()),
                  *zip(untuned.query_encoder.parameters(), trained.query_encoder.parameters())]:
@@ -535,8 +537,21 @@ def test_reranker_objective_puts_the_gold_passage_first_and_ships_inside_the_mod
                                                                          for hits in dense.hits]
     finally:
         retriever.shutdown()
+    # a question longer than the reranker's window is cut with the passage, not refused
+    assert len(trained.reranker.order(["why " * 300], [dense.hits[0]])[0]) == 2
     with pytest.raises(RagRayError, match="objective 'reranker'"):
         _cfg(root, questions, "x", {"objective": "reranker", "index": None})
+    # eval-retrieval --reranker: the saved model's reranker and its 9 candidates; a model without one is refused
+    from rag_ray.cli import main
+
+    args = ["eval-retrieval", "--index", str(root / "index"), "--questions", questions, "--limit", "5", "--no-bm25",
+            "--encoder", f"{report_model}/query_encoder", "--max-k", "5", "--json"]
+    capsys.readouterr()
+    assert main([*args, "--reranker", report_model]) == 0
+    table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert table["rerank_candidates"] == 9 and table["reranked"]["recall@1"] == pytest.approx(m["dev_recall@1"])
+    assert main([*args, "--reranker", str(root / "untuned_for_reranker")]) == 2
+    assert "has no reranker" in capsys.readouterr().err
 
 
 def evaluate_retrieval_orders(model: RagModel, retriever: Retriever, examples) -> list[list[str]]:

@@ -1,5 +1,5 @@
-"""RagModelServer: the autoscaled model replicas. Each holds one RagModel (query encoder and
-generator) and nothing of the index: it asks the IndexHost for the current Retriever and searches
+"""RagModelServer: the autoscaled model replicas. Each holds one RagModel (query encoder,
+generator and, when trained, a reranker) and nothing of the index: it asks the IndexHost for the current Retriever and searches
 the shard actors itself, awaiting their ObjectRefs. Concurrent requests are grouped by
 ``@serve.batch``; encoding and generation run in a worker thread, so the event loop keeps
 accepting requests while the model computes.
