@@ -94,7 +94,7 @@ def test_train_config_type_errors_name_the_section_and_moved_fields():
     assert "model.mode: 'reader' is not one of ['sequence', 'token', 'closed_book']" in problems
     assert "optim.batch_size: expected an integer, got 'eight'" in problems
     assert "lr: unknown field" in problems and "did you mean optim.lr?" in problems
-    assert "objective: 'warmup' is not one of ['rag', 'reader', 'retriever']" in problems
+    assert "objective: 'warmup' is not one of ['rag', 'reader', 'retriever', 'reranker']" in problems
     assert len(info.value.problems) == 4
     with pytest.raises(ConfigError, match="index: model.mode 'token' retrieves passages"):
         load_config(TrainConfig, overrides={"index": None, "model.mode": "token"})
@@ -102,6 +102,8 @@ def test_train_config_type_errors_name_the_section_and_moved_fields():
         load_config(TrainConfig, overrides={"objective": "reader", "data.corpus": "c", "model.mode": "token"})
     with pytest.raises(ConfigError, match="objective 'retriever' trains against the index's stored passage vectors"):
         load_config(TrainConfig, overrides={"objective": "retriever", "index": None})
+    with pytest.raises(ConfigError, match="model.rerank_candidates: at most 2048"):
+        load_config(TrainConfig, overrides={"objective": "reranker", "model.rerank_candidates": 4096})
     with pytest.raises(ConfigError, match="data.hard_negatives: must be >= 0"):
         load_config(TrainConfig, overrides={"objective": "retriever", "data.hard_negatives": -1})
 
