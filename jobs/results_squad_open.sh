@@ -8,7 +8,7 @@
 # each reader 17-20 min of training, retriever warm-up 2 min, each gold-passage row 2.3 min, each
 # eval-only row 6 min at K=3 (2.4 at K=1), each joint row about 15 min (7-9 of training, 7 of
 # evaluation), both-tower retriever training 18 min and its index 1 min, the reranker 24 min and its
-# eval rows 6 min (K=1) and 9 min (K=3): about 4 h 45 min for the default rows (3 h 5 min without
+# eval rows 6 min (K=1) and 10 min (K=3): about 4 h 45 min for the default rows (3 h 5 min without
 # the DPR and reranker rows of sections 6 to 8). reader-3 and eval-gold-3 (a third reader
 # round, which did not help) run only when named in ROWS: about 20 min more; so do retriever-dpr-2 and
 # retrieval-dpr-2 (a second epoch of both towers): about 30 min.
