@@ -136,6 +136,19 @@ if [ -f "$OUT/retriever-dpr.json" ]; then
   fi
 fi
 
+# 9. the ablation table (issue 11's fixes, each taken away alone from the rows it was measured on):
+# the reader warm-up's fixes against `reader` (same 800 steps) by the gold-passage ceiling, and the
+# read-time fixes against `eval-reader` (the same reader over MiniLM retrieval, K=3). Item 4 (the
+# gold passage among distractors) is rag-seq against rag-seq-gold above.
+train reader-no-shuffle jobs/configs/train_reader_squad_open_cpu.yaml --set shuffle=false "${READ[@]}"
+train reader-pointer-identity jobs/configs/train_reader_squad_open_cpu.yaml --set model.pointer_init=identity "${READ[@]}"
+if [ -f "$OUT/reader-no-shuffle.json" ]; then evaluate eval-gold-no-shuffle "$(model_of reader-no-shuffle)" --gold-passage; fi
+if [ -f "$OUT/reader-pointer-identity.json" ]; then
+  evaluate eval-gold-pointer-identity "$(model_of reader-pointer-identity)" --gold-passage
+fi
+evaluate eval-reader-no-span "$READER" --no-span-recovery
+evaluate eval-reader-scale-1 "$READER" --doc-score-scale 1
+
 "$BIN/python" - "$OUT" $ALL <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

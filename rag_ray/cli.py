@@ -206,7 +206,7 @@ def cmd_eval_qa(args) -> int:
         "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, "hybrid": args.hybrid,
         "lexical_k": args.lexical_k, "gold_passage": args.gold_passage, "rerank": not args.no_rerank,
-        **_ray_overrides(args)}))
+        "doc_score_scale": args.doc_score_scale, **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int)
             p.add_argument("--gold-passage", action="store_true",
                            help="read each question from its gold passage alone, no search: the reader's ceiling")
+            p.add_argument("--doc-score-scale", type=float,
+                           help="p(z|x) = softmax(scale * q.d) at this scale, not the model's own (1: unscaled)")
         else:
             p.add_argument("question", nargs="+")
         p.add_argument("--mode", choices=[m.value for m in Mode], help="default: the model's own")

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from rag_ray.errors import RagRayError
-from rag_ray.types import DECODINGS, DEFAULT_ENCODER, Mode
+from rag_ray.types import DECODINGS, DEFAULT_ENCODER, POINTER_INITS, Mode
 
 T = TypeVar("T")
 
@@ -174,6 +174,9 @@ class TrainModel:
     generator: str = DEFAULT_ENCODER
     #: None: the generator's own default (the pointer-generator copy head for BERT2BERT)
     copy_head: bool | None = None
+    #: how a new copy head's pointer starts (``copy_head.POINTER_INITS``): "small" (std 0.02) or
+    #: "identity" (attention over the encoder states themselves); a saved head loads as saved
+    pointer_init: str = "small"
     mode: Mode = Mode.SEQUENCE
     n_docs: int = 5
     #: hybrid candidates: each search also sends the questions, and the BM25 top ``lexical_k``
@@ -210,6 +213,10 @@ class TrainModel:
         if self.rerank_candidates is not None and self.rerank_candidates > 2048:
             problems.append(f"rerank_candidates: at most 2048 (the retriever's largest k), got {self.rerank_candidates}")
         problems += _positive(self, "doc_score_scale")
+        if self.pointer_init not in POINTER_INITS:
+            problems.append(f"pointer_init: one of {', '.join(POINTER_INITS)}, got {self.pointer_init!r}")
+        elif self.pointer_init != "small" and self.init_from is not None:
+            problems.append("pointer_init: applies to a new copy head; init_from loads its saved one")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         return problems
@@ -497,6 +504,9 @@ class EvalConfig:
     #: a model with a reranker reads the reranker's top n_docs of its ``rerank_candidates``;
     #: False: the retriever's top n_docs (the reranker's ablation)
     rerank: bool = True
+    #: read p(z|x) = softmax(scale · q·d) at this scale instead of the model's own (None); 1.0 is
+    #: the unscaled cosine softmax that issue 11's item 1 replaced (its ablation)
+    doc_score_scale: float | None = None
     report: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -504,6 +514,7 @@ class EvalConfig:
         problems = [] if self.model else ["model: give a saved RagModel directory (a checkpoint's model/)"]
         problems += [] if self.questions else ["questions: give a question file or squad-open:dev"]
         problems += _at_least(1, self, "limit", "n_docs", "lexical_k", "num_beams", "max_new_tokens")
+        problems += _positive(self, "doc_score_scale")
         if self.decoding is not None and self.decoding not in DECODINGS:
             problems.append(f"decoding: {self.decoding!r} is not one of {list(DECODINGS)}")
         elif self.mode is not None and self.decoding is not None and self.decoding not in self.mode.decodings:

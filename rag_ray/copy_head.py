@@ -18,6 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from rag_ray.errors import RagRayError
+from rag_ray.types import POINTER_INITS
 
 
 @dataclass
@@ -82,7 +83,7 @@ class PointerGenerator(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
-    def __init__(self, base: PreTrainedModel, pointer_dim: int | None = None) -> None:
+    def __init__(self, base: PreTrainedModel, pointer_dim: int | None = None, init: str = "small") -> None:
         # a copy: PreTrainedModel.__init__ rewrites attention settings on the config it is given
         super().__init__(copy.deepcopy(base.config))
         self.base = base
@@ -97,6 +98,15 @@ class PointerGenerator(PreTrainedModel, GenerationMixin):
             nn.init.normal_(lin.weight, std=0.02)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+        if init == "identity":
+            if not enc_dim == dec_dim == pointer_dim:
+                raise RagRayError(f"pointer init 'identity' needs equal encoder, decoder and pointer sizes; "
+                                  f"got {enc_dim}, {dec_dim} and {pointer_dim}: use 'small'")
+            with torch.no_grad():
+                self.query.weight.copy_(torch.eye(pointer_dim))
+                self.key.weight.copy_(torch.eye(pointer_dim))
+        elif init != "small":
+            raise RagRayError(f"pointer init must be one of {POINTER_INITS}, got {init!r}")
         self.generation_config = base.generation_config
         self.post_init()
 

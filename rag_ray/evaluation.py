@@ -356,6 +356,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     examples = read_questions(cfg.questions, limit=cfg.limit)
     model = RagModel.from_pretrained(str(local_copy(cfg.model)))
+    if cfg.doc_score_scale is not None:
+        model.set_doc_score_scale(cfg.doc_score_scale)
     mode = Mode.parse(cfg.mode or model.config.mode)
     n_docs = cfg.n_docs or model.config.n_docs
     index = retriever = None
@@ -391,7 +393,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     finally:
         if retriever is not None:
             retriever.shutdown()
-    report.update({"model": cfg.model, "mode": mode.value, "n_docs": n_docs,
+    report.update({"model": cfg.model, "mode": mode.value, "n_docs": n_docs, "doc_score_scale": model.doc_score_scale,
                    "reranked": bool(cfg.rerank and model.reranker is not None and mode.retrieves
                                     and not cfg.gold_passage)})
     if cfg.report:

@@ -92,6 +92,7 @@ class Generator(nn.Module):
         name_or_path: str = DEFAULT_ENCODER,
         *,
         copy_head: bool | None = None,
+        pointer_init: str = "small",
         template: str | None = None,
         closed_book_template: str | None = None,
         max_source_length: int | None = None,
@@ -102,7 +103,8 @@ class Generator(nn.Module):
 
         ``copy_head=None`` keeps a saved generator's choice and otherwise adds the copy head only
         when warm-starting from an encoder checkpoint (the offline default: BERT2BERT from MiniLM
-        learns to copy answers on a CPU budget, plain BERT2BERT does not).
+        learns to copy answers on a CPU budget, plain BERT2BERT does not). ``pointer_init``
+        (``copy_head.POINTER_INITS``) is how a new copy head starts; a saved one loads as saved.
         """
         path = resolve_model_path(name_or_path)
         settings_file = Path(path) / _SETTINGS_FILE
@@ -125,7 +127,7 @@ class Generator(nn.Module):
         if copy_head is None:
             copy_head = settings.get("copy_head", warm_started)
         if copy_head:
-            model = PointerGenerator(model, pointer_dim=settings.get("pointer_dim"))
+            model = PointerGenerator(model, pointer_dim=settings.get("pointer_dim"), init=pointer_init)
             head_file = Path(path) / _COPY_HEAD_FILE
             if settings.get("copy_head") and head_file.is_file():
                 missing = model.load_state_dict(load_file(str(head_file)), strict=False)

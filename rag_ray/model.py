@@ -127,6 +127,7 @@ class RagModel(nn.Module):
         generator: str | Generator = DEFAULT_ENCODER,
         *,
         copy_head: bool | None = None,
+        pointer_init: str = "small",
         device: str | torch.device | None = None,
         **config,
     ) -> "RagModel":
@@ -136,7 +137,8 @@ class RagModel(nn.Module):
         if isinstance(query_encoder, str):
             query_encoder = Encoder.from_pretrained(query_encoder, device=device)
         if isinstance(generator, str):
-            generator = Generator.from_pretrained(generator, copy_head=copy_head, device=device)
+            generator = Generator.from_pretrained(generator, copy_head=copy_head, pointer_init=pointer_init,
+                                                  device=device)
         return cls(query_encoder, generator, RagConfig(**config)).to(device)
 
     @classmethod

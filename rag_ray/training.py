@@ -69,8 +69,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
             model.set_doc_score_scale(m.doc_score_scale)
     else:
         scale = {} if m.doc_score_scale is None else {"doc_score_scale": m.doc_score_scale}
-        model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head, device=device,
-                                         **common, **scale)
+        model = RagModel.from_components(m.query_encoder, m.generator, copy_head=m.copy_head,
+                                         pointer_init=m.pointer_init, device=device, **common, **scale)
     model.log_doc_score_scale.requires_grad_(m.learn_doc_score_scale and cfg.scores_passages)
     if cfg.objective in (Objective.RETRIEVER, Objective.RERANKER):  # the generator stays as it is
         model.generator.requires_grad_(False)

@@ -16,6 +16,12 @@ import numpy as np
 #: without importing torch.
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
+#: How a new copy head's pointer starts (``copy_head.PointerGenerator``). "small": query and key
+#: projections drawn with std 0.02, so early pointer scores are near zero and their gradients
+#: weak. "identity": both start as the identity, so the pointer starts as dot-product attention of
+#: the decoder state over the encoder states themselves (issue 11, item 5).
+POINTER_INITS = ("small", "identity")
+
 
 class Mode(str, Enum):
     """How the generator uses retrieval; everything that depends on the mode asks it here.

@@ -106,6 +106,10 @@ def test_train_config_type_errors_name_the_section_and_moved_fields():
         load_config(TrainConfig, overrides={"objective": "reranker", "model.rerank_candidates": 4096})
     with pytest.raises(ConfigError, match="data.hard_negatives: must be >= 0"):
         load_config(TrainConfig, overrides={"objective": "retriever", "data.hard_negatives": -1})
+    with pytest.raises(ConfigError, match="model.pointer_init: one of small, identity, got 'eye'"):
+        load_config(TrainConfig, overrides={"model.pointer_init": "eye"})
+    with pytest.raises(ConfigError, match="model.pointer_init: applies to a new copy head"):
+        load_config(TrainConfig, overrides={"model.pointer_init": "identity", "model.init_from": "runs/x/model"})
 
 
 def test_train_config_sections_enums_and_plain_round_trip():

@@ -132,8 +132,18 @@ def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["dev_questions"] == 5 and report["mode"] == "sequence" and report["n_docs"] == 2
     assert 0 <= report["dev_em"] <= 1 and report["dev_nll"] > 0 and 0 <= report["dev_recall@5"] <= 1
+    assert report["doc_score_scale"] == pytest.approx(RagModel.from_pretrained(init, device="cpu").doc_score_scale)
+    # the scale's ablation: same passages, p(z|x) read at scale 1, so the answer NLL moves
+    assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
+                 "--limit", "5", "--json", "--doc-score-scale", "1"]) == 0
+    unscaled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert unscaled["doc_score_scale"] == 1.0 and unscaled["dev_recall@5"] == report["dev_recall@5"]
+    assert unscaled["dev_nll"] != pytest.approx(report["dev_nll"], rel=1e-3)
     assert main(["eval-qa", "--model", init, "--questions", questions]) == 2
     assert "give --index" in capsys.readouterr().err
+    assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
+                 "--doc-score-scale", "0"]) == 2
+    assert "doc_score_scale" in capsys.readouterr().err
 
 
 def test_eval_qa_gold_passage_reads_each_question_from_its_gold_passage_alone(setup, capsys):
