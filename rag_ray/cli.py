@@ -166,12 +166,14 @@ def _reranker(path: str | None, candidates: int | None, device):
         return None, candidates or 20
     from rag_ray.reranker import Reranker
 
+    from rag_ray.model import RagModel
+
     root = Path(path)
     if (root / "rag_config.json").is_file():  # a saved RagModel
         if not (root / "reranker").is_dir():
             raise RagRayError(f"{path} has no reranker (train one with objective: reranker)")
         if candidates is None:
-            candidates = json.loads((root / "rag_config.json").read_text())["config"].get("rerank_candidates", 20)
+            candidates = RagModel.saved_config(root).rerank_candidates
         root = root / "reranker"
     elif not root.is_dir():
         raise RagRayError(f"--reranker {path}: no such directory")

@@ -136,6 +136,7 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
         q = query_encoder.encode(questions[i : i + batch_size])
         encode_s += time.perf_counter() - t0
         res = retriever.search(q, k, vectors=False)
+        dense_hits = res.hits
         doc_ids += [[h.doc_id for h in hits] for hits in res.hits]
         texts += [[h.text for h in hits] for hits in res.hits]
         if hybrid:
@@ -147,8 +148,11 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
         if reranker is not None:  # its own search for its candidates, as RagPipeline makes it
             t2 = time.perf_counter()
             chunk = questions[i : i + batch_size]
-            heads = retriever.search(q, rerank_candidates, vectors=False,
-                                     **({"questions": chunk, "lexical_k": lexical_k} if hybrid else {})).hits
+            if hybrid or rerank_candidates > k:
+                heads = retriever.search(q, rerank_candidates, vectors=False,
+                                         **({"questions": chunk, "lexical_k": lexical_k} if hybrid else {})).hits
+            else:  # the dense top rerank_candidates is the head of the dense top k already fetched
+                heads = [hits[:rerank_candidates] for hits in dense_hits]
             for hits, head, order in zip(res.hits, heads, reranker.order(chunk, heads)):
                 seen = {h.passage_id for h in head}  # below them, the rest of the (longer) list
                 ranked = [head[j] for j in order] + [h for h in hits if h.passage_id not in seen]

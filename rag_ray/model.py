@@ -141,17 +141,28 @@ class RagModel(nn.Module):
                                                   device=device)
         return cls(query_encoder, generator, RagConfig(**config)).to(device)
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "RagModel":
-        """Load a directory written by ``save_pretrained`` (works in a fresh process). A model
-        saved before the scale on q·d existed loads with scale 1, so it scores as it did."""
-        path = Path(path)
+    @staticmethod
+    def _saved(path: Path) -> dict:
         cfg_file = path / _CONFIG_FILE
         if not cfg_file.is_file():
             raise RagRayError(f"{path} is not a saved RagModel (no {_CONFIG_FILE}); write one with save_pretrained")
         data = json.loads(cfg_file.read_text())
         if data.get("format") != _FORMAT:
             raise RagRayError(f"{cfg_file} has format {data.get('format')!r}, expected {_FORMAT!r}")
+        return data
+
+    @classmethod
+    def saved_config(cls, path: str | os.PathLike) -> RagConfig:
+        """The RagConfig of a model saved at ``path``, without loading its weights (a model saved
+        before the scale on q·d existed has scale 1)."""
+        return RagConfig.from_dict({"doc_score_scale": 1.0, **cls._saved(Path(path))["config"]})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "RagModel":
+        """Load a directory written by ``save_pretrained`` (works in a fresh process). A model
+        saved before the scale on q·d existed loads with scale 1, so it scores as it did."""
+        path = Path(path)
+        data = cls._saved(path)
         device = device or default_device()
         enc_settings = json.loads((path / "query_encoder" / "rag_ray_encoder.json").read_text())
         query_encoder = Encoder.from_pretrained(
@@ -159,8 +170,7 @@ class RagModel(nn.Module):
         )
         query_encoder.name = enc_settings.get("name", query_encoder.name)
         generator = Generator.from_pretrained(str(path / "generator"), device=device)
-        config = RagConfig.from_dict({"doc_score_scale": 1.0, **data["config"]})
-        model = cls(query_encoder, generator, config).to(device)
+        model = cls(query_encoder, generator, cls.saved_config(path)).to(device)
         scale_file = path / _SCALE_FILE
         if scale_file.is_file():
             saved = load_file(str(scale_file))

@@ -13,6 +13,7 @@ tokens occur contiguously in a retrieved passage, the answer is the passage's ow
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -81,6 +82,16 @@ class RagPipeline:
         it reranks."""
         result = self._retriever().search(question_vectors, self.candidates(k), **self.search_options(questions))
         return self.rerank(questions, result, k)
+
+    async def search_async(self, retriever, questions: Sequence[str], question_vectors: np.ndarray, k: int, *,
+                           hybrid: bool | None = None, vectors: bool = True) -> SearchResult:
+        """``search`` for an async caller (Serve) on the retriever it names (the index host's current
+        one): the shard calls are awaited and the reranker runs on a thread."""
+        result = await retriever.search_async(question_vectors, self.candidates(k), vectors=vectors,
+                                              **self.search_options(questions, hybrid))
+        if self.use_reranker:
+            result = await asyncio.to_thread(self.rerank, questions, result, k)
+        return result
 
     def candidates(self, k: int) -> int:
         """How many passages a search for the top k fetches: more when a reranker chooses among them."""

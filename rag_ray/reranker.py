@@ -81,12 +81,8 @@ class Reranker(torch.nn.Module):
             raise RagRayError("listwise_loss needs one non-empty candidate list per question, gold passage first")
         pairs_q = [q for q, c in zip(questions, candidates) for _ in c]
         logits = self(pairs_q, [t for c in candidates for t in c])
-        width = max(len(c) for c in candidates)
-        table = logits.new_full((len(candidates), width), float("-inf"))
-        at = 0
-        for i, c in enumerate(candidates):
-            table[i, : len(c)] = logits[at : at + len(c)]
-            at += len(c)
+        per_question = torch.split(logits, [len(c) for c in candidates])
+        table = torch.nn.utils.rnn.pad_sequence(per_question, batch_first=True, padding_value=float("-inf"))
         return torch.nn.functional.cross_entropy(table, torch.zeros(len(candidates), dtype=torch.long,
                                                                     device=table.device))
 
@@ -98,19 +94,16 @@ class Reranker(torch.nn.Module):
         flat: list[np.ndarray] = []
         was_training = self.training
         self.eval()  # no dropout, also when a model with a reranker is in training
+        bf16 = bf16_is_native(self.device)
         try:
             for i in range(0, len(pairs), batch_size):
                 chunk = pairs[i : i + batch_size]
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_is_native(self.device)):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                     flat.append(self([q for q, _ in chunk], [t for _, t in chunk]).cpu().numpy())
         finally:
             self.train(was_training)
         all_scores = np.concatenate(flat) if flat else np.zeros(0, np.float32)
-        out, at = [], 0
-        for c in candidates:
-            out.append(all_scores[at : at + len(c)])
-            at += len(c)
-        return out
+        return np.split(all_scores, np.cumsum([len(c) for c in candidates])[:-1])
 
     def order(self, questions: Sequence[str], hits: Sequence[Sequence[Hit]]) -> list[list[int]]:
         """For each question, its hits' positions best first."""

@@ -75,6 +75,48 @@ def test_hybrid_pipeline_reads_fused_candidates_with_the_same_prior(tiny):
     retriever.shutdown()
 
 
+def test_serves_search_async_reads_the_rerankers_top_k_as_search_does(tiny):
+    """Serve's path (``search_async`` on the index host's retriever) and the pipeline's own return the
+    same passages: with a reranker, its top k of the hybrid candidates, each with its stored vector."""
+    import asyncio
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from rag_ray.encoders import resolve_model_path
+    from rag_ray.reranker import Reranker
+    from rag_ray.types import DEFAULT_ENCODER
+
+    index, model_dir = tiny
+    model = RagModel.from_pretrained(model_dir, device="cpu")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_ENCODER))
+    torch.manual_seed(3)
+    model.reranker = Reranker(BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=1)), tok, max_length=64).eval()
+    retriever = Retriever.load(index, query_encoder=model.query_encoder)
+    pipeline = RagPipeline(model, retriever, hybrid=True, lexical_k=3)
+    questions = [q["question"] for q in TOY_QUESTIONS[:3]]
+    vectors = pipeline.embed(questions)
+    assert pipeline.candidates(2) == model.config.rerank_candidates == 20  # all 9 toy passages are candidates
+    served = asyncio.run(pipeline.search_async(retriever, questions, vectors, 2))
+    direct = pipeline.search(questions, vectors, 2)
+    candidates = retriever.search(vectors, 20, questions=questions, lexical_k=3)
+    for q, s_hits, d_hits, cands, row in zip(questions, served.hits, direct.hits, candidates.hits, range(3)):
+        assert [h.passage_id for h in s_hits] == [h.passage_id for h in d_hits]
+        best = model.reranker.order([q], [cands])[0][:2]
+        assert [h.passage_id for h in s_hits] == [cands[j].passage_id for j in best]
+        np.testing.assert_array_equal(served.vectors[row], candidates.vectors[row, best])
+    unranked = asyncio.run(RagPipeline(model, retriever, hybrid=True, lexical_k=3, rerank=False).search_async(
+        retriever, questions, vectors, 2, vectors=False))
+    assert unranked.vectors is None
+    retrieved = [[h.passage_id for h in hits] for hits in retriever.search(vectors, 2, questions=questions,
+                                                                           lexical_k=3).hits]
+    assert [[h.passage_id for h in hits] for hits in unranked.hits] == retrieved
+    assert [[h.passage_id for h in hits] for hits in served.hits] != retrieved  # the reranker did choose
+    retriever.shutdown()
+
+
 def test_rag_ray_ask_prints_answers_and_passages(tiny, capsys):
     index, model_dir = tiny
     question = TOY_QUESTIONS[1]["question"]

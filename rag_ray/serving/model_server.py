@@ -45,10 +45,8 @@ class RagModelServer:
         t0 = time.perf_counter()
         vectors = await asyncio.to_thread(self.pipeline.embed, questions)
         t1 = time.perf_counter()
-        result = await retriever.search_async(vectors, self.pipeline.candidates(k), vectors=False,
-                                              **self.pipeline.search_options(questions, hybrid))
-        if self.pipeline.use_reranker:  # the model's cross-encoder picks the k it would read
-            result = await asyncio.to_thread(self.pipeline.rerank, questions, result, k)
+        # with a reranker: the model's cross-encoder picks the k it would read
+        result = await self.pipeline.search_async(retriever, questions, vectors, k, hybrid=hybrid, vectors=False)
         t2 = time.perf_counter()
         return {"index_version": version, "hits": [[h.__dict__ for h in hits] for hits in result.hits],
                 "timings_ms": {"embed": _ms(t1 - t0), "search": _ms(t2 - t1)}}
@@ -73,12 +71,9 @@ class RagModelServer:
             vectors = await asyncio.to_thread(self.pipeline.embed, questions)
             t1 = time.perf_counter()
             mode = Mode.parse(params.get("mode") or self.pipeline.model.config.mode)
-            options = self.pipeline.search_options(questions, hybrid)
             result = None
             if mode.retrieves:
-                result = await retriever.search_async(vectors, self.pipeline.candidates(n_docs), **options)
-                if self.pipeline.use_reranker:
-                    result = await asyncio.to_thread(self.pipeline.rerank, questions, result, n_docs)
+                result = await self.pipeline.search_async(retriever, questions, vectors, n_docs, hybrid=hybrid)
             t2 = time.perf_counter()
             answers = await asyncio.to_thread(self.pipeline.read, questions, vectors, result, n_docs=n_docs, **params)
             t3 = time.perf_counter()
