@@ -3,30 +3,38 @@
 # interval. Same data, same model init (the reader warm-up), same step budget for the trained rows.
 #   bash jobs/results_squad_open.sh [extra --set overrides for the training runs...]
 #   ROWS="reader retriever eval-gold eval-reader" bash jobs/results_squad_open.sh
+#   ROWS="core ablation" bash jobs/results_squad_open.sh      # groups: core, ablation, more, all
 # Writes runs/results/<row>.json and .log and prints the table. A row whose .json exists is not
-# run again, so an interrupted run resumes where it stopped. Measured on 2 CPU cores: index 1 min,
-# each reader 17-20 min of training, retriever warm-up 2 min, each gold-passage row 2.3 min, each
-# eval-only row 6 min at K=3 (2.4 at K=1), each joint row about 15 min (7-9 of training, 7 of
-# evaluation), both-tower retriever training 18 min and its index 1 min, the reranker 24 min and its
-# eval rows 6 min (K=1) and 10 min (K=3): about 4 h 45 min for the default rows (3 h 5 min without
-# the DPR and reranker rows of sections 6 to 8). reader-3 and eval-gold-3 (a third reader
-# round, which did not help) run only when named in ROWS: about 20 min more; so do retriever-dpr-2 and
-# retrieval-dpr-2 (a second epoch of both towers): about 30 min.
+# run again, so an interrupted run resumes where it stopped. Rows run in the order below whatever
+# order ROWS names them in. Measured on 2 CPU cores (each row's time is in docs/results.md):
+# - core (the default): the issue's rows (the reader on gold passages, closed-book, RAG-Sequence
+#   frozen and trained, RAG-Token, the retriever warm-up, hybrid candidates) and the best model's
+#   path (the longer reader, both DPR towers, their index, joint training, the reranker, EM read
+#   from its top passage): about 3 h 10 min;
+# - ablation: issue 11's fixes, each taken away alone (section 9, and rag-seq-gold): about 70 min;
+# - more: the other rows of docs/results.md (other decodings, K=1/K=3 variants, a third reader
+#   round and a second DPR epoch, which did not help): about 2 h 30 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
-ALL="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid reader-2 eval-gold-2 eval-hybrid-2 eval-hybrid-2-k1 closed-book rag-seq-frozen rag-seq rag-seq-gold rag-seq-hybrid rag-token rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough retriever-dpr retrieval-dpr eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 rag-seq-dpr eval-seq-dpr-k1 reranker eval-reranker-k1 eval-reranker"
-ROWS=${ROWS:-$ALL}
-ALL="$ALL reader-3 eval-gold-3 retriever-dpr-2 retrieval-dpr-2"  # printed in the table when run
+CORE="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-token reader-2 eval-gold-2 retriever-dpr retrieval-dpr rag-seq-dpr reranker eval-reranker-k1"
+ABLATION="rag-seq-gold reader-no-shuffle eval-gold-no-shuffle reader-pointer-identity eval-gold-pointer-identity eval-reader-no-span eval-reader-scale-1"
+MORE="eval-hybrid-2 eval-hybrid-2-k1 reader-3 eval-gold-3 rag-seq-hybrid rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 retriever-dpr-2 retrieval-dpr-2 eval-seq-dpr-k1 eval-reranker"
+ALL="$CORE $ABLATION $MORE"  # the table prints every row that has run, in this order
+ROWS=" ${ROWS:-core} "
+ROWS=${ROWS// core / $CORE }; ROWS=${ROWS// ablation / $ABLATION }; ROWS=${ROWS// more / $MORE }; ROWS=${ROWS// all / $ALL }
 EXTRA=("$@")
 mkdir -p "$OUT"
 [ -f indexes/squad-open/current ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml
 
 wanted() { [[ " $ROWS " == *" $1 "* ]] && [ ! -f "$OUT/$1.json" ]; }
 field_of() { "$BIN/python" -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$OUT/$1.json" "$2"; }
-model_of() { field_of "$1" model; }
+model_of() {  # a row's saved model: the rows after it start from it
+  [ -f "$OUT/$1.json" ] || { echo "row $1 has not run: its model is needed first (ROWS=\"$1 ...\" or ROWS=core)" >&2; exit 1; }
+  field_of "$1" model
+}
 train() {  # row name, config, then overrides
   local row=$1 cfg=$2; shift 2
   wanted "$row" || return 0
@@ -140,8 +148,10 @@ fi
 # the reader warm-up's fixes against `reader` (same 800 steps) by the gold-passage ceiling, and the
 # read-time fixes against `eval-reader` (the same reader over MiniLM retrieval, K=3). Item 4 (the
 # gold passage among distractors) is rag-seq against rag-seq-gold above.
-train reader-no-shuffle jobs/configs/train_reader_squad_open_cpu.yaml --set shuffle=false "${READ[@]}"
-train reader-pointer-identity jobs/configs/train_reader_squad_open_cpu.yaml --set model.pointer_init=identity "${READ[@]}"
+# (optim.max_minutes=60: the 800 steps, not the clock, end these runs, as they ended `reader`)
+SAME=(--set optim.max_minutes=60 "${READ[@]}")
+train reader-no-shuffle jobs/configs/train_reader_squad_open_cpu.yaml --set shuffle=false "${SAME[@]}"
+train reader-pointer-identity jobs/configs/train_reader_squad_open_cpu.yaml --set model.pointer_init=identity "${SAME[@]}"
 if [ -f "$OUT/reader-no-shuffle.json" ]; then evaluate eval-gold-no-shuffle "$(model_of reader-no-shuffle)" --gold-passage; fi
 if [ -f "$OUT/reader-pointer-identity.json" ]; then
   evaluate eval-gold-pointer-identity "$(model_of reader-pointer-identity)" --gold-passage

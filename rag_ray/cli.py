@@ -164,9 +164,8 @@ def _reranker(path: str | None, candidates: int | None, device):
         raise RagRayError(f"--rerank-candidates must be in 1..2048, got {candidates}")
     if not path:
         return None, candidates or 20
-    from rag_ray.reranker import Reranker
-
     from rag_ray.model import RagModel
+    from rag_ray.reranker import Reranker
 
     root = Path(path)
     if (root / "rag_config.json").is_file():  # a saved RagModel

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from rag_ray.errors import RagRayError
-from rag_ray.types import DECODINGS, DEFAULT_ENCODER, POINTER_INITS, Mode
+from rag_ray.types import DECODINGS, DEFAULT_ENCODER, Mode
 
 T = TypeVar("T")
 
@@ -174,9 +174,9 @@ class TrainModel:
     generator: str = DEFAULT_ENCODER
     #: None: the generator's own default (the pointer-generator copy head for BERT2BERT)
     copy_head: bool | None = None
-    #: how a new copy head's pointer starts (``copy_head.POINTER_INITS``): "small" (std 0.02) or
+    #: how a new copy head's pointer starts (``types.POINTER_INITS``): "small" (std 0.02) or
     #: "identity" (attention over the encoder states themselves); a saved head loads as saved
-    pointer_init: str = "small"
+    pointer_init: Literal["small", "identity"] = "small"
     mode: Mode = Mode.SEQUENCE
     n_docs: int = 5
     #: hybrid candidates: each search also sends the questions, and the BM25 top ``lexical_k``
@@ -213,9 +213,7 @@ class TrainModel:
         if self.rerank_candidates is not None and self.rerank_candidates > 2048:
             problems.append(f"rerank_candidates: at most 2048 (the retriever's largest k), got {self.rerank_candidates}")
         problems += _positive(self, "doc_score_scale")
-        if self.pointer_init not in POINTER_INITS:
-            problems.append(f"pointer_init: one of {', '.join(POINTER_INITS)}, got {self.pointer_init!r}")
-        elif self.pointer_init != "small" and self.init_from is not None:
+        if self.pointer_init != "small" and self.init_from is not None:
             problems.append("pointer_init: applies to a new copy head; init_from loads its saved one")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")

@@ -125,6 +125,7 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
     adds a "reranked" table: the hybrid (else dense) top ``rerank_candidates``, searched for as
     RagPipeline does, in the reranker's order, and the rest of the longer list after them."""
     k = max(ks)
+    exact_dense = retriever.manifest.index_type == "flat"  # its top n is the head of its top k
     questions = [e.question for e in examples]
     doc_ids: list[list[str]] = []
     texts: list[list[str]] = []
@@ -148,11 +149,11 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
         if reranker is not None:  # its own search for its candidates, as RagPipeline makes it
             t2 = time.perf_counter()
             chunk = questions[i : i + batch_size]
-            if hybrid or rerank_candidates > k:
+            if exact_dense and not hybrid and rerank_candidates <= k:  # the head of the top k just fetched
+                heads = [hits[:rerank_candidates] for hits in dense_hits]
+            else:  # a fused list, or an approximate index, depends on how many are asked for
                 heads = retriever.search(q, rerank_candidates, vectors=False,
                                          **({"questions": chunk, "lexical_k": lexical_k} if hybrid else {})).hits
-            else:  # the dense top rerank_candidates is the head of the dense top k already fetched
-                heads = [hits[:rerank_candidates] for hits in dense_hits]
             for hits, head, order in zip(res.hits, heads, reranker.order(chunk, heads)):
                 seen = {h.passage_id for h in head}  # below them, the rest of the (longer) list
                 ranked = [head[j] for j in order] + [h for h in hits if h.passage_id not in seen]

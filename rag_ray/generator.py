@@ -126,10 +126,14 @@ class Generator(nn.Module):
         _set_special_tokens(model, tokenizer)
         if copy_head is None:
             copy_head = settings.get("copy_head", warm_started)
+        head_file = Path(path) / _COPY_HEAD_FILE
+        saved_head = bool(copy_head and settings.get("copy_head") and head_file.is_file())
+        if pointer_init != "small" and (saved_head or not copy_head):
+            raise RagRayError(f"pointer_init {pointer_init!r} starts a new copy head, and {name_or_path!r} "
+                              + ("has a saved one" if saved_head else "gets none (copy_head is off)"))
         if copy_head:
             model = PointerGenerator(model, pointer_dim=settings.get("pointer_dim"), init=pointer_init)
-            head_file = Path(path) / _COPY_HEAD_FILE
-            if settings.get("copy_head") and head_file.is_file():
+            if saved_head:
                 missing = model.load_state_dict(load_file(str(head_file)), strict=False)
                 if missing.unexpected_keys:
                     raise RagRayError(f"{head_file} has unexpected keys {missing.unexpected_keys}")

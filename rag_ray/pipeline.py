@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from rag_ray.errors import RagRayError
 from rag_ray.spans import recover_span
 from rag_ray.types import Mode, SearchResult
+
+if TYPE_CHECKING:
+    from rag_ray.retriever import Retriever
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class RagPipeline:
         result = self._retriever().search(question_vectors, self.candidates(k), **self.search_options(questions))
         return self.rerank(questions, result, k)
 
-    async def search_async(self, retriever, questions: Sequence[str], question_vectors: np.ndarray, k: int, *,
+    async def search_async(self, retriever: Retriever, questions: Sequence[str], question_vectors: np.ndarray, k: int, *,
                            hybrid: bool | None = None, vectors: bool = True) -> SearchResult:
         """``search`` for an async caller (Serve) on the retriever it names (the index host's current
         one): the shard calls are awaited and the reranker runs on a thread."""

@@ -77,7 +77,7 @@ class Reranker(torch.nn.Module):
     def listwise_loss(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> torch.Tensor:
         """Cross-entropy of the first candidate (the gold passage) against the others of its own
         question: each question's list may be a different length."""
-        if len(questions) != len(candidates) or any(not c for c in candidates):
+        if not questions or len(questions) != len(candidates) or any(not c for c in candidates):
             raise RagRayError("listwise_loss needs one non-empty candidate list per question, gold passage first")
         pairs_q = [q for q, c in zip(questions, candidates) for _ in c]
         logits = self(pairs_q, [t for c in candidates for t in c])
@@ -90,6 +90,8 @@ class Reranker(torch.nn.Module):
     def scores(self, questions: Sequence[str], candidates: Sequence[Sequence[str]],
                batch_size: int = 64) -> list[np.ndarray]:
         """Each question's candidate scores (higher: more relevant), in batches of ``batch_size`` pairs."""
+        if not candidates:
+            return []
         pairs = [(q, t) for q, c in zip(questions, candidates) for t in c]
         flat: list[np.ndarray] = []
         was_training = self.training

@@ -106,7 +106,7 @@ def test_train_config_type_errors_name_the_section_and_moved_fields():
         load_config(TrainConfig, overrides={"objective": "reranker", "model.rerank_candidates": 4096})
     with pytest.raises(ConfigError, match="data.hard_negatives: must be >= 0"):
         load_config(TrainConfig, overrides={"objective": "retriever", "data.hard_negatives": -1})
-    with pytest.raises(ConfigError, match="model.pointer_init: one of small, identity, got 'eye'"):
+    with pytest.raises(ConfigError, match=r"model.pointer_init: 'eye' is not one of \['small', 'identity'\]"):
         load_config(TrainConfig, overrides={"model.pointer_init": "eye"})
     with pytest.raises(ConfigError, match="model.pointer_init: applies to a new copy head"):
         load_config(TrainConfig, overrides={"model.pointer_init": "identity", "model.init_from": "runs/x/model"})

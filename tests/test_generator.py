@@ -124,12 +124,18 @@ def test_identity_pointer_starts_as_attention_over_the_encoder_states(tokenizer,
     assert spreads["identity"] > 10 * spreads["small"]
 
     gen = Generator.from_pretrained(DEFAULT_ENCODER, copy_head=True, pointer_init="identity", device="cpu")
-    assert torch.equal(gen.model.key.weight, torch.eye(gen.model.pointer_dim))
+    eye = torch.eye(gen.model.pointer_dim)
+    assert torch.equal(gen.model.key.weight, eye) and torch.equal(gen.model.query.weight, eye)
+    assert not gen.model.query.bias.any()
     with torch.no_grad():
         gen.model.key.weight.mul_(0.5)
     gen.save_pretrained(tmp_path / "gen")
     again = Generator.from_pretrained(str(tmp_path / "gen"), device="cpu")
     assert torch.equal(again.model.key.weight, gen.model.key.weight)
+    with pytest.raises(ValueError, match="starts a new copy head, and .* has a saved one"):
+        Generator.from_pretrained(str(tmp_path / "gen"), pointer_init="identity", device="cpu")
+    with pytest.raises(ValueError, match=r"gets none \(copy_head is off\)"):
+        Generator.from_pretrained(DEFAULT_ENCODER, copy_head=False, pointer_init="identity", device="cpu")
 
     with pytest.raises(ValueError, match="pointer init must be one of"):
         PointerGenerator(tiny_bart(tokenizer), init="eye")

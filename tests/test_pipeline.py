@@ -107,6 +107,10 @@ def test_serves_search_async_reads_the_rerankers_top_k_as_search_does(tiny):
         best = model.reranker.order([q], [cands])[0][:2]
         assert [h.passage_id for h in s_hits] == [cands[j].passage_id for j in best]
         np.testing.assert_array_equal(served.vectors[row], candidates.vectors[row, best])
+    served_hits = asyncio.run(pipeline.search_async(retriever, questions, vectors, 2, vectors=False))  # /v1/retrieve
+    assert served_hits.vectors is None
+    assert [[h.passage_id for h in hits] for hits in served_hits.hits] == [[h.passage_id for h in hits]
+                                                                          for hits in served.hits]
     unranked = asyncio.run(RagPipeline(model, retriever, hybrid=True, lexical_k=3, rerank=False).search_async(
         retriever, questions, vectors, 2, vectors=False))
     assert unranked.vectors is None
