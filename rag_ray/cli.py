@@ -207,11 +207,29 @@ def cmd_eval_qa(args) -> int:
         "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, "hybrid": args.hybrid,
         "lexical_k": args.lexical_k, "gold_passage": args.gold_passage, "rerank": not args.no_rerank,
-        "doc_score_scale": args.doc_score_scale, **_ray_overrides(args)}))
+        "doc_score_scale": args.doc_score_scale, "predictions": args.predictions, **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from rag_ray.evaluation import compare_predictions
+
+    report = compare_predictions(args.a, args.b)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['questions']} questions, a = {args.a}, b = {args.b}")
+    for metric in ("em", "f1"):
+        m = report[metric]
+        pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+        print(f"{metric.upper()}: a {pct(m['a'])} [{pct(m['a_ci95'][0])}, {pct(m['a_ci95'][1])}]  "
+              f"b {pct(m['b'])} [{pct(m['b_ci95'][0])}, {pct(m['b_ci95'][1])}]  a - b {pct(m['difference'])} "
+              f"[{pct(m['difference_ci95'][0])}, {pct(m['difference_ci95'][1])}] (paired): "
+              + ("separated" if m["separated"] else "not separated"))
     return 0
 
 
@@ -383,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int)
             p.add_argument("--gold-passage", action="store_true",
                            help="read each question from its gold passage alone, no search: the reader's ceiling")
+            p.add_argument("--predictions", metavar="FILE",
+                           help="also write each question's prediction, EM and F1 (JSONL) for rag-ray compare")
             p.add_argument("--doc-score-scale", type=float,
                            help="p(z|x) = softmax(scale * q.d) at this scale, not the model's own (1: unscaled)")
         else:
@@ -399,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_hybrid(p)
         _add_common(p)
         p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)
+
+    p = sub.add_parser("compare", help="EM / F1 of two eval-qa --predictions files of the same questions, with "
+                                       "the paired 95%% interval of each difference")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="serve a trained model over an index with Ray Serve (HTTP API + web page)")
     p.add_argument("--config", help="YAML ServeConfig (flags override it)")

@@ -506,6 +506,8 @@ class EvalConfig:
     #: the unscaled cosine softmax that issue 11's item 1 replaced (its ablation)
     doc_score_scale: float | None = None
     report: str | None = None
+    #: also write each question's prediction, EM and F1 here (JSONL): ``rag-ray compare`` reads two
+    predictions: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> list[str]:

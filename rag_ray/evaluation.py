@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 import numpy as np
 
 from rag_ray.datasets import QAExample
+from rag_ray.errors import RagRayError
 from rag_ray.lexical import SOURCES, Bm25Index
 from rag_ray.manifest import IndexManifest, resolve_index
 from rag_ray.metrics import normalize_answer
@@ -229,7 +230,7 @@ def format_table(report: dict) -> str:
 def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs: int, decoding: str | None = None,
                 num_beams: int = 1, max_new_tokens: int = 16, batch_size: int = 16, span_recovery: bool = True,
                 hybrid: bool = False, lexical_k: int | None = None, gold_passage: bool = False,
-                rerank: bool = True) -> dict:
+                rerank: bool = True, keep_predictions: bool = False) -> dict:
     """Dev metrics of a RAG model on rows {question, answers, doc_id}:
 
     EM / F1 of the generated answers (SQuAD normalisation), the answer NLL -log p(y|x) of the first
@@ -241,7 +242,8 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     candidates fused with the dense ones (RagPipeline's). ``rerank``: a model with a reranker reads
     its top n_docs of ``rerank_candidates`` (RagPipeline's). ``gold_passage``: no search; each question is
     read from its gold passage alone (rows from ``with_index_gold_passages``), K=1: the
-    reader's ceiling, what retrieval cannot improve on.
+    reader's ceiling, what retrieval cannot improve on. ``keep_predictions``: the report also holds
+    "predictions", one {question, answers, prediction, em, f1} per question, for paired comparisons.
     """
     import torch
 
@@ -257,6 +259,7 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
     nll = 0.0
     em: list[float] = []
     f1: list[float] = []
+    predictions: list[dict] = []
     hits: dict[int, list[float]] = {1: [], 5: [], n_docs: []}
     start = time.perf_counter()
     with torch.no_grad():
@@ -278,6 +281,9 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
                 golds = list(r["answers"])
                 em.append(exact_match(a.answer, golds))
                 f1.append(f1_score(a.answer, golds))
+                if keep_predictions:
+                    predictions.append({"question": r["question"], "answers": golds, "prediction": a.answer,
+                                        "em": em[-1], "f1": f1[-1]})
                 if res is not None and r.get("doc_id") and not gold_passage:
                     for kk in hits:
                         hits[kk].append(float(any(h.doc_id == r["doc_id"] for h in res.hits[j][:kk])))
@@ -291,7 +297,57 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
         scores.update({f"dev_recall@{kk}": v for kk, v in hits.items()})
     # 95% bootstrap intervals over the questions, e.g. "dev_em_ci95": [lo, hi]
     out.update({f"{name}_ci95": list(bootstrap_ci95(v)) for name, v in scores.items() if v})
+    if keep_predictions:
+        out["predictions"] = predictions
     return out
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """An ``eval-qa --predictions`` file; errors name the file, line and field."""
+    import json
+
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise RagRayError(f"cannot read predictions {path}: {exc.strerror}") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RagRayError(f"{path}, line {n}: not JSON ({exc.msg})") from None
+        for name in ("question", "em", "f1"):
+            if not isinstance(row, dict) or name not in row:
+                raise RagRayError(f"{path}, line {n}: no field {name!r} (write the file with eval-qa --predictions)")
+        rows.append(row)
+    if not rows:
+        raise RagRayError(f"{path} holds no predictions")
+    return rows
+
+
+def compare_predictions(a: str | Path, b: str | Path) -> dict:
+    """EM and F1 of two ``eval-qa --predictions`` files of the same questions, and the paired 95%
+    interval of each difference (a - b): the two systems are separated where it excludes 0."""
+    from rag_ray.metrics import bootstrap_ci95, paired_bootstrap_ci95
+
+    rows_a, rows_b = read_predictions(a), read_predictions(b)
+    by_question = {r["question"]: r for r in rows_b}
+    missing = [r["question"] for r in rows_a if r["question"] not in by_question]
+    if missing or len(rows_a) != len(rows_b) or len(by_question) != len(rows_b):
+        raise RagRayError(f"{a} ({len(rows_a)} questions) and {b} ({len(rows_b)}) must score the same questions, "
+                          f"each once" + (f"; {len(missing)} of {a}'s are not in {b}, e.g. {missing[0]!r}"
+                                          if missing else ""))
+    paired = [by_question[r["question"]] for r in rows_a]
+    report: dict = {"questions": len(rows_a)}
+    for metric in ("em", "f1"):
+        x, y = [float(r[metric]) for r in rows_a], [float(r[metric]) for r in paired]
+        lo, hi = paired_bootstrap_ci95(x, y)
+        report[metric] = {"a": sum(x) / len(x), "a_ci95": list(bootstrap_ci95(x)), "b": sum(y) / len(y),
+                          "b_ci95": list(bootstrap_ci95(y)), "difference": (sum(x) - sum(y)) / len(x),
+                          "difference_ci95": [lo, hi], "separated": bool(lo > 0 or hi < 0)}
+    return report
 
 
 def gold_passage(answer: str, candidates: Sequence[T], text: Callable[[T], str]) -> T | None:
@@ -352,7 +408,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     import json
 
     from rag_ray.datasets import read_questions
-    from rag_ray.errors import RagRayError
     from rag_ray.io import atomic_write_text, local_copy
     from rag_ray.jobs import local_index
     from rag_ray.model import RagModel
@@ -387,7 +442,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         report = evaluate_qa(model, retriever, rows, mode=mode, n_docs=n_docs, decoding=cfg.decoding,
                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                              span_recovery=cfg.span_recovery, hybrid=cfg.hybrid, lexical_k=cfg.lexical_k,
-                             gold_passage=cfg.gold_passage, rerank=cfg.rerank)
+                             gold_passage=cfg.gold_passage, rerank=cfg.rerank,
+                             keep_predictions=cfg.predictions is not None)
+        predictions = report.pop("predictions", None)
+        if predictions is not None:
+            atomic_write_text(cfg.predictions, "".join(json.dumps(p) + "\n" for p in predictions))
         if cfg.gold_passage:
             report["dev_without_gold_passage"] = dropped
         if cfg.retrieval:

@@ -43,3 +43,24 @@ def test_bootstrap_interval_matches_the_normal_approximation_and_is_reproducible
     assert bootstrap_ci95(scores) == (lo, hi)
     lo4, hi4 = bootstrap_ci95(np.tile(scores, 4))  # 4x the questions: about half the width
     assert 0.4 < (hi4 - lo4) / (hi - lo) < 0.6
+
+
+def test_paired_interval_separates_what_two_overlapping_intervals_cannot():
+    """Two systems on the same 1,000 questions: b answers every question a answers except 30. Their
+    own intervals overlap (not separated by that rule), but the paired interval of a - b is about
+    [0.02, 0.04]: every difference points the same way."""
+    import numpy as np
+
+    from rag_ray.metrics import bootstrap_ci95, paired_bootstrap_ci95
+
+    rng = np.random.default_rng(1)
+    a = (rng.random(1000) < 0.5).astype(float)
+    b = a.copy()
+    b[np.flatnonzero(a)[:30]] = 0.0
+    (alo, _), (blo, bhi) = bootstrap_ci95(a), bootstrap_ci95(b)
+    assert blo < alo < bhi  # the separate intervals overlap
+    lo, hi = paired_bootstrap_ci95(a, b)
+    assert 0 < lo <= 0.03 <= hi < 0.045
+    assert paired_bootstrap_ci95(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same questions on both sides, got 1000 and 999"):
+        paired_bootstrap_ci95(a, b[:-1])

@@ -12,4 +12,4 @@ def test_every_public_name_resolves():
 def test_cli_has_every_subcommand():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices  # argparse keeps them here
-    assert set(choices) == {"index", "search", "eval-retrieval", "eval-qa", "ask", "serve", "swap-index", "quickstart", "train"}
+    assert set(choices) == {"index", "search", "eval-retrieval", "eval-qa", "ask", "serve", "swap-index", "quickstart", "train", "compare"}

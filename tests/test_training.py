@@ -134,11 +134,32 @@ def test_eval_qa_cli_scores_a_trained_model(setup, capsys):
     assert 0 <= report["dev_em"] <= 1 and report["dev_nll"] > 0 and 0 <= report["dev_recall@5"] <= 1
     assert report["doc_score_scale"] == pytest.approx(RagModel.from_pretrained(init, device="cpu").doc_score_scale)
     # the scale's ablation: same passages, p(z|x) read at scale 1, so the answer NLL moves
+    preds = [str(root / "scaled.jsonl"), str(root / "unscaled.jsonl")]
     assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
-                 "--limit", "5", "--json", "--doc-score-scale", "1"]) == 0
+                 "--limit", "5", "--json", "--predictions", preds[0]]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dev_em"] == report["dev_em"]
+    assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
+                 "--limit", "5", "--json", "--doc-score-scale", "1", "--predictions", preds[1]]) == 0
     unscaled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert unscaled["doc_score_scale"] == 1.0 and unscaled["dev_recall@5"] == report["dev_recall@5"]
     assert unscaled["dev_nll"] != pytest.approx(report["dev_nll"], rel=1e-3)
+    # each question's prediction, then the paired comparison of the two runs
+    rows = [json.loads(line) for line in Path(preds[0]).read_text().splitlines()]
+    assert [r["question"] for r in rows] == [q["question"] for q in TOY_QUESTIONS[:5]]
+    assert sum(r["em"] for r in rows) / 5 == pytest.approx(report["dev_em"])
+    assert sum(r["f1"] for r in rows) / 5 == pytest.approx(report["dev_f1"])
+    assert main(["compare", preds[0], preds[1], "--json"]) == 0
+    compared = json.loads(capsys.readouterr().out.strip())
+    assert compared["questions"] == 5
+    em = compared["em"]
+    assert em["a"] == pytest.approx(report["dev_em"]) and em["b"] == pytest.approx(unscaled["dev_em"])
+    assert em["difference_ci95"][0] <= em["difference"] <= em["difference_ci95"][1]
+    Path(preds[1]).write_text("".join(line + "\n" for line in Path(preds[1]).read_text().splitlines()[:4]))
+    assert main(["compare", preds[0], preds[1]]) == 2
+    assert "must score the same questions" in capsys.readouterr().err
+    Path(preds[1]).write_text('{"question": "q"}\n')
+    assert main(["compare", preds[0], preds[1]]) == 2
+    assert "line 1: no field 'em'" in capsys.readouterr().err
     assert main(["eval-qa", "--model", init, "--questions", questions]) == 2
     assert "give --index" in capsys.readouterr().err
     assert main(["eval-qa", "--model", init, "--index", str(root / "index"), "--questions", questions,
