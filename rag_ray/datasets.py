@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from rag_ray.errors import RagRayError
-from rag_ray.io import atomic_write_text
+from rag_ray.io import atomic_write_text, iter_jsonl
 
 #: Request-size style limits on question files, so a broken file fails fast and clearly.
 MAX_QUESTION_CHARS = 2000
@@ -37,31 +37,22 @@ def read_questions(path: str | os.PathLike, limit: int | None = None) -> list[QA
     if not os.path.isfile(path):
         raise RagRayError(f"question file {path} does not exist")
     out: list[QAExample] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RagRayError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise RagRayError(f"{path}, line {lineno}: expected a JSON object")
-            q = row.get("question")
-            if not isinstance(q, str) or not q.strip():
-                raise RagRayError(f"{path}, line {lineno}, field 'question': missing or empty")
-            if len(q) > MAX_QUESTION_CHARS:
-                raise RagRayError(f"{path}, line {lineno}, field 'question': {len(q)} characters, over the limit of {MAX_QUESTION_CHARS}")
-            answers = row.get("answers", row.get("answer", []))
-            if isinstance(answers, str):
-                answers = [answers]
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise RagRayError(f"{path}, line {lineno}, field 'answers': must be a list of strings")
-            doc_id = row.get("doc_id")
-            out.append(QAExample(q.strip(), tuple(answers), None if doc_id is None else str(doc_id),
-                                 None if row.get("id") is None else str(row["id"])))
-            if limit is not None and len(out) >= limit:
-                break
+    for lineno, row in iter_jsonl(path):
+        q = row.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise RagRayError(f"{path}, line {lineno}, field 'question': missing or empty")
+        if len(q) > MAX_QUESTION_CHARS:
+            raise RagRayError(f"{path}, line {lineno}, field 'question': {len(q)} characters, over the limit of {MAX_QUESTION_CHARS}")
+        answers = row.get("answers", row.get("answer", []))
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise RagRayError(f"{path}, line {lineno}, field 'answers': must be a list of strings")
+        doc_id = row.get("doc_id")
+        out.append(QAExample(q.strip(), tuple(answers), None if doc_id is None else str(doc_id),
+                             None if row.get("id") is None else str(row["id"])))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise RagRayError(f"question file {path} holds no questions")
     return out

@@ -304,22 +304,14 @@ def evaluate_qa(model, retriever, examples: Sequence[dict], *, mode: str, n_docs
 
 def read_predictions(path: str | Path) -> list[dict]:
     """An ``eval-qa --predictions`` file; errors name the file, line and field."""
-    import json
+    from rag_ray.io import iter_jsonl
 
+    if not Path(path).is_file():
+        raise RagRayError(f"predictions file {path} does not exist")
     rows = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise RagRayError(f"cannot read predictions {path}: {exc.strerror}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RagRayError(f"{path}, line {n}: not JSON ({exc.msg})") from None
+    for n, row in iter_jsonl(path):
         for name in ("question", "em", "f1"):
-            if not isinstance(row, dict) or name not in row:
+            if name not in row:
                 raise RagRayError(f"{path}, line {n}: no field {name!r} (write the file with eval-qa --predictions)")
         rows.append(row)
     if not rows:
@@ -328,18 +320,20 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 
 def compare_predictions(a: str | Path, b: str | Path) -> dict:
-    """EM and F1 of two ``eval-qa --predictions`` files of the same questions, and the paired 95%
+    """EM and F1 of two ``eval-qa --predictions`` files of the same questions in the same order (so
+    repeated questions pair up too), and the paired 95%
     interval of each difference (a - b): the two systems are separated where it excludes 0."""
     from rag_ray.metrics import bootstrap_ci95, paired_bootstrap_ci95
 
     rows_a, rows_b = read_predictions(a), read_predictions(b)
-    by_question = {r["question"]: r for r in rows_b}
-    missing = [r["question"] for r in rows_a if r["question"] not in by_question]
-    if missing or len(rows_a) != len(rows_b) or len(by_question) != len(rows_b):
-        raise RagRayError(f"{a} ({len(rows_a)} questions) and {b} ({len(rows_b)}) must score the same questions, "
-                          f"each once" + (f"; {len(missing)} of {a}'s are not in {b}, e.g. {missing[0]!r}"
-                                          if missing else ""))
-    paired = [by_question[r["question"]] for r in rows_a]
+    if len(rows_a) != len(rows_b):
+        raise RagRayError(f"{a} ({len(rows_a)} questions) and {b} ({len(rows_b)}) must score the same questions: "
+                          f"compare two eval-qa runs of the same question file")
+    for n, (ra, rb) in enumerate(zip(rows_a, rows_b), start=1):
+        if ra["question"] != rb["question"]:
+            raise RagRayError(f"{a} and {b} must score the same questions in the same order; line {n} differs: "
+                              f"{ra['question']!r} vs {rb['question']!r}")
+    paired = rows_b
     report: dict = {"questions": len(rows_a)}
     for metric in ("em", "f1"):
         x, y = [float(r[metric]) for r in rows_a], [float(r[metric]) for r in paired]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -34,6 +35,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
+    object is an error naming the file and line (the caller checks the fields)."""
+    from rag_ray.errors import RagRayError
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RagRayError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise RagRayError(f"{path}, line {lineno}: expected a JSON object")
+            yield lineno, row
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
