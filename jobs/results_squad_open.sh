@@ -11,9 +11,9 @@
 #   frozen and trained, RAG-Token, the retriever warm-up, hybrid candidates) and the best model's
 #   path (the longer reader, both DPR towers, their index, joint training, the reranker, EM read
 #   from its top passage): about 3 h 10 min;
-# - ablation: issue 11's fixes, each taken away alone (section 9, and rag-seq-gold): about 70 min;
+# - ablation: issue 11's fixes, each taken away alone (section 9, and rag-seq-gold): about 65 min;
 # - more: the other rows of docs/results.md (other decodings, K=1/K=3 variants, a third reader
-#   round and a second DPR epoch, which did not help): about 2 h 30 min.
+#   round, a second DPR epoch and the reranker's whole epoch, which did not help): about 2 h 50 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
