@@ -333,10 +333,9 @@ def compare_predictions(a: str | Path, b: str | Path) -> dict:
         if ra["question"] != rb["question"]:
             raise RagRayError(f"{a} and {b} must score the same questions in the same order; line {n} differs: "
                               f"{ra['question']!r} vs {rb['question']!r}")
-    paired = rows_b
     report: dict = {"questions": len(rows_a)}
     for metric in ("em", "f1"):
-        x, y = [float(r[metric]) for r in rows_a], [float(r[metric]) for r in paired]
+        x, y = [float(r[metric]) for r in rows_a], [float(r[metric]) for r in rows_b]
         lo, hi = paired_bootstrap_ci95(x, y)
         report[metric] = {"a": sum(x) / len(x), "a_ci95": list(bootstrap_ci95(x)), "b": sum(y) / len(y),
                           "b_ci95": list(bootstrap_ci95(y)), "difference": (sum(x) - sum(y)) / len(x),

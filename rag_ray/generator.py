@@ -104,7 +104,7 @@ class Generator(nn.Module):
         ``copy_head=None`` keeps a saved generator's choice and otherwise adds the copy head only
         when warm-starting from an encoder checkpoint (the offline default: BERT2BERT from MiniLM
         learns to copy answers on a CPU budget, plain BERT2BERT does not). ``pointer_init``
-        (``copy_head.POINTER_INITS``) is how a new copy head starts; a saved one loads as saved.
+        (``types.POINTER_INITS``) is how a new copy head starts; a saved one loads as saved.
         """
         path = resolve_model_path(name_or_path)
         settings_file = Path(path) / _SETTINGS_FILE

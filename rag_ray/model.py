@@ -155,7 +155,11 @@ class RagModel(nn.Module):
     def saved_config(cls, path: str | os.PathLike) -> RagConfig:
         """The RagConfig of a model saved at ``path``, without loading its weights (a model saved
         before the scale on q·d existed has scale 1)."""
-        return RagConfig.from_dict({"doc_score_scale": 1.0, **cls._saved(Path(path))["config"]})
+        return cls._config_of(cls._saved(Path(path)))
+
+    @staticmethod
+    def _config_of(saved: dict) -> RagConfig:
+        return RagConfig.from_dict({"doc_score_scale": 1.0, **saved["config"]})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "RagModel":
@@ -170,7 +174,7 @@ class RagModel(nn.Module):
         )
         query_encoder.name = enc_settings.get("name", query_encoder.name)
         generator = Generator.from_pretrained(str(path / "generator"), device=device)
-        model = cls(query_encoder, generator, cls.saved_config(path)).to(device)
+        model = cls(query_encoder, generator, cls._config_of(data)).to(device)  # the file read once
         scale_file = path / _SCALE_FILE
         if scale_file.is_file():
             saved = load_file(str(scale_file))
