@@ -174,9 +174,10 @@ class TrainModel:
     generator: str = DEFAULT_ENCODER
     #: None: the generator's own default (the pointer-generator copy head for BERT2BERT)
     copy_head: bool | None = None
-    #: how a new copy head's pointer starts (``types.POINTER_INITS``): "small" (std 0.02) or
-    #: "identity" (attention over the encoder states themselves); a saved head loads as saved
-    pointer_init: Literal["small", "identity"] = "small"
+    #: how a new copy head's pointer starts: "identity" (attention over the encoder states
+    #: themselves; None: this default, ``types.NEW_HEAD_POINTER``) or "small" (std-0.02 projections,
+    #: the default until the ablation in docs/results.md); a saved head loads as saved
+    pointer_init: Literal["small", "identity"] | None = None
     mode: Mode = Mode.SEQUENCE
     n_docs: int = 5
     #: hybrid candidates: each search also sends the questions, and the BM25 top ``lexical_k``
@@ -213,7 +214,7 @@ class TrainModel:
         if self.rerank_candidates is not None and self.rerank_candidates > 2048:
             problems.append(f"rerank_candidates: at most 2048 (the retriever's largest k), got {self.rerank_candidates}")
         problems += _positive(self, "doc_score_scale")
-        if self.pointer_init != "small" and self.init_from is not None:
+        if self.pointer_init is not None and self.init_from is not None:
             problems.append("pointer_init: applies to a new copy head; init_from loads its saved one")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
@@ -534,12 +535,16 @@ def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
             sub: list[str] = []
             out = _convert(arg, value, where, sub)
             if not sub:
                 return out
-        problems.append(f"{where}: {value!r} is not a valid {tp}")
+        if len(options) == 1:  # X | None: X's own message ("is not one of [...]", "expected an integer")
+            problems.extend(sub)
+        else:
+            problems.append(f"{where}: {value!r} is not a valid {tp}")
         return None
     if origin is Literal:
         if value not in args:

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from rag_ray.copy_head import PointerEncoderOutput, PointerGenerator
 from rag_ray.encoders import DEFAULT_ENCODER, default_device, resolve_model_path
 from rag_ray.errors import RagRayError
+from rag_ray.types import NEW_HEAD_POINTER
 
 DEFAULT_TEMPLATE = "{title} / {text} // {question}"
 CLOSED_BOOK_TEMPLATE = "{question}"
@@ -92,7 +93,7 @@ class Generator(nn.Module):
         name_or_path: str = DEFAULT_ENCODER,
         *,
         copy_head: bool | None = None,
-        pointer_init: str = "small",
+        pointer_init: str | None = None,
         template: str | None = None,
         closed_book_template: str | None = None,
         max_source_length: int | None = None,
@@ -104,7 +105,8 @@ class Generator(nn.Module):
         ``copy_head=None`` keeps a saved generator's choice and otherwise adds the copy head only
         when warm-starting from an encoder checkpoint (the offline default: BERT2BERT from MiniLM
         learns to copy answers on a CPU budget, plain BERT2BERT does not). ``pointer_init``
-        (``types.POINTER_INITS``) is how a new copy head starts; a saved one loads as saved.
+        (``types.POINTER_INITS``; None: ``NEW_HEAD_POINTER``) is how a new copy head starts; a
+        saved one loads as saved.
         """
         path = resolve_model_path(name_or_path)
         settings_file = Path(path) / _SETTINGS_FILE
@@ -128,11 +130,12 @@ class Generator(nn.Module):
             copy_head = settings.get("copy_head", warm_started)
         head_file = Path(path) / _COPY_HEAD_FILE
         saved_head = bool(copy_head and settings.get("copy_head") and head_file.is_file())
-        if pointer_init != "small" and (saved_head or not copy_head):
+        if pointer_init is not None and (saved_head or not copy_head):
             raise RagRayError(f"pointer_init {pointer_init!r} starts a new copy head, and {name_or_path!r} "
                               + ("has a saved one" if saved_head else "gets none (copy_head is off)"))
-        if copy_head:
-            model = PointerGenerator(model, pointer_dim=settings.get("pointer_dim"), init=pointer_init)
+        if copy_head:  # a new head's pointer starts as attention over the encoder states (NEW_HEAD_POINTER)
+            init = "small" if saved_head else (pointer_init or NEW_HEAD_POINTER)
+            model = PointerGenerator(model, pointer_dim=settings.get("pointer_dim"), init=init)
             if saved_head:
                 missing = model.load_state_dict(load_file(str(head_file)), strict=False)
                 if missing.unexpected_keys:

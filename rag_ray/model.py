@@ -127,7 +127,7 @@ class RagModel(nn.Module):
         generator: str | Generator = DEFAULT_ENCODER,
         *,
         copy_head: bool | None = None,
-        pointer_init: str = "small",
+        pointer_init: str | None = None,
         device: str | torch.device | None = None,
         **config,
     ) -> "RagModel":

@@ -73,6 +73,10 @@ def test_default_is_bert2bert_from_minilm_with_copy_head():
     assert gen.copy_head and type(gen.model.base).__name__ == "EncoderDecoderModel"
     assert gen.decoder_start_token_id == gen.tokenizer.cls_token_id
     assert gen.eos_token_id == gen.tokenizer.sep_token_id
+    # a new head's pointer starts as attention over the encoder states (the ablation's better arm)
+    assert torch.equal(gen.model.key.weight, torch.eye(gen.model.pointer_dim))
+    small = Generator.from_pretrained(device="cpu", pointer_init="small")
+    assert float(small.model.key.weight.abs().max()) < 0.2
 
 
 def test_prompt_template_and_truncation_keeps_question(tokenizer):
