@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
-CORE="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-token reader-2 eval-gold-2 retriever-dpr retrieval-dpr rag-seq-dpr reranker eval-reranker-k1"
-ABLATION="rag-seq-gold reader-no-shuffle eval-gold-no-shuffle reader-pointer-identity eval-gold-pointer-identity eval-reader-no-span eval-reader-scale-1"
+CORE="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-token reader-2 eval-gold-2 retriever-dpr retrieval-dpr rag-seq-dpr reranker retrieval-reranker eval-reranker-k1"
+ABLATION="rag-seq-gold reader-no-shuffle eval-gold-no-shuffle reader-pointer-identity eval-gold-pointer-identity eval-reader-no-span eval-reader-scale-1 retrieval-reranker-no-prior eval-reranker-k1-no-prior"
 MORE="eval-hybrid-2 eval-hybrid-2-k1 reader-3 eval-gold-3 rag-seq-hybrid rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 retriever-dpr-2 retrieval-dpr-2 eval-seq-dpr-k1 eval-reranker reranker-epoch"
 ALL="$CORE $ABLATION $MORE"  # the table prints every row that has run, in this order
 ROWS=" ${ROWS:-core} "
@@ -42,6 +42,17 @@ train() {  # row name, config, then overrides
   "$BIN/rag-ray" train --config "$cfg" --set checkpoint.name="$row" --set report="$OUT/$row.json" "$@" "${EXTRA[@]}" \
     > "$OUT/$row.log" 2>&1 || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
 }
+reranker_recall() {  # row name, then eval-retrieval flags: the reranker row's order of its hybrid top 20
+  local row=$1 model; shift
+  wanted "$row" || return 0
+  model=$(model_of reranker)
+  echo "$(date +%T) evaluating: $row"
+  "$BIN/rag-ray" eval-retrieval --index "$DPR_INDEX" --encoder "$model/query_encoder" --questions squad-open:dev \
+    --hybrid --reranker "$model" --no-bm25 --json "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" \
+    || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
+  tail -n 1 "$OUT/$row.out" > "$OUT/$row.json"
+}
+
 evaluate() {  # row name, model, then eval-qa flags
   local row=$1 model=$2; shift 2
   wanted "$row" || return 0
@@ -141,6 +152,9 @@ if [ -f "$OUT/retriever-dpr.json" ]; then
     train reranker jobs/configs/train_reranker_squad_open_cpu.yaml --set index="$DPR_INDEX" \
       --set model.init_from="$(model_of rag-seq-dpr)"
     if [ -f "$OUT/reranker.json" ]; then
+      # its order weighs the retriever's rank, logit - w·ln(1 + rank) at the default w = 1 (chosen on
+      # training questions); the ablation's *-no-prior rows order by the logit alone (w = 0)
+      reranker_recall retrieval-reranker
       IDX=$DPR_INDEX evaluate eval-reranker-k1 "$(model_of reranker)" --hybrid --n-docs 1
       IDX=$DPR_INDEX evaluate eval-reranker "$(model_of reranker)" --hybrid
     fi
@@ -164,6 +178,14 @@ if [ -f "$OUT/reader-pointer-identity.json" ]; then
 fi
 evaluate eval-reader-no-span "$READER" --no-span-recovery
 evaluate eval-reader-scale-1 "$READER" --doc-score-scale 1
+# the reranker's rank prior (w = 1) against its logit alone: recall of its order, and EM reading its top 1
+if [ -f "$OUT/reranker.json" ]; then
+  DPR_INDEX=indexes/squad-open-dpr
+  reranker_recall retrieval-reranker-no-prior --rerank-prior 0
+  IDX=$DPR_INDEX evaluate eval-reranker-k1-no-prior "$(model_of reranker)" --hybrid --n-docs 1 --rerank-prior 0
+elif wanted retrieval-reranker-no-prior || wanted eval-reranker-k1-no-prior; then
+  echo "the *-no-prior rows need the reranker row first (ROWS=core)" >&2
+fi
 
 "$BIN/python" - "$OUT" $ALL <<'PY'
 import json, sys, pathlib
@@ -177,7 +199,7 @@ for row in sys.argv[2:]:
         continue
     r = json.loads(path.read_text())
     m = {**r.get("metrics", {}), **r} if "metrics" in r else r
-    for system in ("dense", "hybrid") if "dense_ci95" in r else ():  # an eval-retrieval report
+    for system in [s for s in ("dense", "hybrid", "reranked") if s + "_ci95" in r]:  # an eval-retrieval report
         m = {"dev_questions": r["questions"], **{f"dev_{k}": r[system][k] for k in ("recall@1", "recall@5")},
              **{f"dev_{k}_ci95": r[system + "_ci95"][k] for k in ("recall@1", "recall@5")}}
         print(f"{row + ' ' + system:<22}{'-':>22}{'-':>22}{ci(m, 'dev_recall@1'):>20}{ci(m, 'dev_recall@5'):>22}"

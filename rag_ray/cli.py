@@ -143,7 +143,7 @@ def cmd_eval_retrieval(args) -> int:
 
     examples = read_questions(args.questions, limit=args.limit)
     encoder = _query_encoder(args.index, args.encoder)
-    reranker, candidates = _reranker(args.reranker, args.rerank_candidates, encoder.device)
+    reranker, candidates = _reranker(args.reranker, args.rerank_candidates, encoder.device, args.rerank_prior)
     _ray(args)
     retriever = Retriever.load(args.index, query_encoder=encoder)
     ks = tuple(k for k in KS if k <= args.max_k)
@@ -157,12 +157,19 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
-def _reranker(path: str | None, candidates: int | None, device):
+def _reranker(path: str | None, candidates: int | None, device, prior: float | None = None):
     """(reranker, its number of candidates) for --reranker: a saved model's (with the model's own
-    rerank_candidates unless given) or a reranker directory's (20 unless given); (None, 20) without."""
+    rerank_candidates unless given) or a reranker directory's (20 unless given); (None, 20) without.
+    ``prior``: its rank prior instead of the saved one."""
+    from rag_ray.reranker import check_rank_prior
+
     if candidates is not None and not 1 <= candidates <= 2048:
         raise RagRayError(f"--rerank-candidates must be in 1..2048, got {candidates}")
+    if prior is not None:
+        check_rank_prior(prior, "--rerank-prior")
     if not path:
+        if prior is not None:
+            raise RagRayError("--rerank-prior applies to a --reranker")
         return None, candidates or 20
     from rag_ray.model import RagModel
     from rag_ray.reranker import Reranker
@@ -176,7 +183,10 @@ def _reranker(path: str | None, candidates: int | None, device):
         root = root / "reranker"
     elif not root.is_dir():
         raise RagRayError(f"--reranker {path}: no such directory")
-    return Reranker.from_pretrained(str(root), device=device), candidates or 20
+    reranker = Reranker.from_pretrained(str(root), device=device)
+    if prior is not None:
+        reranker.rank_prior = prior
+    return reranker, candidates or 20
 
 
 def _pipeline(args, mode):
@@ -207,7 +217,8 @@ def cmd_eval_qa(args) -> int:
         "mode": args.mode, "n_docs": args.n_docs, "decoding": args.decoding, "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens, "span_recovery": not args.no_span_recovery, "hybrid": args.hybrid,
         "lexical_k": args.lexical_k, "gold_passage": args.gold_passage, "rerank": not args.no_rerank,
-        "doc_score_scale": args.doc_score_scale, "predictions": args.predictions, **_ray_overrides(args)}))
+        "doc_score_scale": args.doc_score_scale, "rerank_prior": args.rerank_prior, "predictions": args.predictions,
+        **_ray_overrides(args)}))
     if args.json:
         print(json.dumps(report))
     else:
@@ -239,6 +250,12 @@ def cmd_ask(args) -> int:
     pipeline.span_recovery = not args.no_span_recovery
     pipeline.hybrid, pipeline.lexical_k = args.hybrid, args.lexical_k
     pipeline.use_reranker = pipeline.use_reranker and not args.no_rerank
+    if args.rerank_prior is not None:
+        from rag_ray.reranker import check_rank_prior
+
+        if pipeline.model.reranker is None:
+            raise RagRayError(f"--rerank-prior: {args.model} has no reranker")
+        pipeline.model.reranker.rank_prior = check_rank_prior(args.rerank_prior, "--rerank-prior")
     answers = pipeline.answer(questions, mode=mode, n_docs=args.n_docs, decoding=args.decoding,
                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     pipeline.close()
@@ -386,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "column, its order of the hybrid (else dense) top --rerank-candidates")
     p.add_argument("--rerank-candidates", type=int,
                    help="candidates the reranker orders (default: the model's own, else 20)")
+    p.add_argument("--rerank-prior", type=float, help="w in the reranker's order, logit - w * ln(1 + retriever rank) (default: the saved "
+                                      "reranker's own, 1 unless trained with another; 0: the logit alone)")
     _add_hybrid(p)
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)
@@ -416,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer with the tokenizer's decode, not the passage's own text of the answer")
         p.add_argument("--no-rerank", action="store_true",
                        help="read the retriever's top n_docs even when the model has a reranker")
+        p.add_argument("--rerank-prior", type=float, help="w in the reranker's order, logit - w * ln(1 + retriever rank) (default: the saved "
+                                      "reranker's own, 1 unless trained with another; 0: the logit alone)")
         _add_hybrid(p)
         _add_common(p)
         p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)

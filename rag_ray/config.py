@@ -7,6 +7,7 @@ the defaults run offline on a laptop: the packaged MiniLM encoder, a local loopb
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -37,6 +38,13 @@ def _at_least(minimum: float, section: Any, *names: str) -> list[str]:
     """``name: must be >= minimum`` for each named field below it; None (unset) passes."""
     values = {n: getattr(section, n) for n in names}
     return [f"{n}: must be >= {minimum}, got {v}" for n, v in values.items() if v is not None and v < minimum]
+
+
+def _non_negative(section: Any, *names: str) -> list[str]:
+    """``name: must be a finite number >= 0`` for each named field that is not; None passes."""
+    values = {n: getattr(section, n) for n in names}
+    return [f"{n}: must be a finite number >= 0, got {v}" for n, v in values.items()
+            if v is not None and not (math.isfinite(v) and v >= 0)]
 
 
 def _positive(section: Any, *names: str) -> list[str]:
@@ -196,6 +204,9 @@ class TrainModel:
     #: candidates the model's reranker reads to pick n_docs (training and every later search);
     #: None: the saved model's own (20 for a new one)
     rerank_candidates: int | None = None
+    #: w in the reranker's order, logit - w·ln(1 + retriever rank), saved with it; None: the saved
+    #: reranker's own (1.0 for a new one; 0 orders by the logit alone)
+    rerank_prior: float | None = None
     label_smoothing: float = 0.0
     #: p(z|x) = softmax(scale · q·d): the scale to start from. None: 20.0 for a fresh model, the
     #: saved model's own for ``init_from`` (a model saved before the scale existed has 1.0).
@@ -213,7 +224,7 @@ class TrainModel:
                              "rerank_candidates")
         if self.rerank_candidates is not None and self.rerank_candidates > 2048:
             problems.append(f"rerank_candidates: at most 2048 (the retriever's largest k), got {self.rerank_candidates}")
-        problems += _positive(self, "doc_score_scale")
+        problems += _positive(self, "doc_score_scale") + _non_negative(self, "rerank_prior")
         if self.pointer_init is not None and self.init_from is not None:
             problems.append("pointer_init: applies to a new copy head; init_from loads its saved one")
         if not 0 <= self.label_smoothing < 1:
@@ -503,6 +514,9 @@ class EvalConfig:
     #: a model with a reranker reads the reranker's top n_docs of its ``rerank_candidates``;
     #: False: the retriever's top n_docs (the reranker's ablation)
     rerank: bool = True
+    #: the reranker's w in logit - w·ln(1 + retriever rank) instead of its saved one (None); 0 is
+    #: the logit alone (the prior's ablation)
+    rerank_prior: float | None = None
     #: read p(z|x) = softmax(scale · q·d) at this scale instead of the model's own (None); 1.0 is
     #: the unscaled cosine softmax that issue 11's item 1 replaced (its ablation)
     doc_score_scale: float | None = None
@@ -515,7 +529,7 @@ class EvalConfig:
         problems = [] if self.model else ["model: give a saved RagModel directory (a checkpoint's model/)"]
         problems += [] if self.questions else ["questions: give a question file or squad-open:dev"]
         problems += _at_least(1, self, "limit", "n_docs", "lexical_k", "num_beams", "max_new_tokens")
-        problems += _positive(self, "doc_score_scale")
+        problems += _positive(self, "doc_score_scale") + _non_negative(self, "rerank_prior")
         if self.decoding is not None and self.decoding not in DECODINGS:
             problems.append(f"decoding: {self.decoding!r} is not one of {list(DECODINGS)}")
         elif self.mode is not None and self.decoding is not None and self.decoding not in self.mode.decodings:

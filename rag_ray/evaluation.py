@@ -181,6 +181,7 @@ def evaluate_retrieval(retriever, query_encoder, examples: Sequence[QAExample], 
         report["reranked_ci95"] = recall_intervals(reranked["doc_ids"], examples, ks)
         report["reranked_seconds"] = round(rerank_s, 2)
         report["rerank_candidates"] = rerank_candidates
+        report["rerank_prior"] = reranker.rank_prior
     if bm25:
         passages = index_passages(index_dir)
         rows, bm25_s = bm25_rankings(passages, questions, k)
@@ -411,6 +412,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     model = RagModel.from_pretrained(str(local_copy(cfg.model)))
     if cfg.doc_score_scale is not None:
         model.set_doc_score_scale(cfg.doc_score_scale)
+    if cfg.rerank_prior is not None:
+        if model.reranker is None:
+            raise RagRayError(f"rerank_prior: {cfg.model} has no reranker")
+        model.reranker.rank_prior = cfg.rerank_prior
     mode = Mode.parse(cfg.mode or model.config.mode)
     n_docs = cfg.n_docs or model.config.n_docs
     index = retriever = None
@@ -450,6 +455,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     finally:
         if retriever is not None:
             retriever.shutdown()
+    if model.reranker is not None:
+        report["rerank_prior"] = model.reranker.rank_prior
     report.update({"model": cfg.model, "mode": mode.value, "n_docs": n_docs, "doc_score_scale": model.doc_score_scale,
                    "reranked": bool(cfg.rerank and model.reranker is not None and mode.retrieves
                                     and not cfg.gold_passage)})
