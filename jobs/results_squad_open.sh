@@ -19,9 +19,9 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
-CORE="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-token reader-2 eval-gold-2 retriever-dpr retrieval-dpr rag-seq-dpr reranker retrieval-reranker eval-reranker-k1"
+CORE="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-token reader-2 eval-gold-2 retriever-dpr retrieval-dpr rag-seq-dpr reranker eval-reranker-k1"
 ABLATION="rag-seq-gold reader-no-shuffle eval-gold-no-shuffle reader-pointer-identity eval-gold-pointer-identity eval-reader-no-span eval-reader-scale-1 retrieval-reranker-no-prior eval-reranker-k1-no-prior"
-MORE="eval-hybrid-2 eval-hybrid-2-k1 reader-3 eval-gold-3 rag-seq-hybrid rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 retriever-dpr-2 retrieval-dpr-2 eval-seq-dpr-k1 eval-reranker reranker-epoch"
+MORE="eval-hybrid-2 eval-hybrid-2-k1 reader-3 eval-gold-3 rag-seq-hybrid rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 retriever-dpr-2 retrieval-dpr-2 eval-seq-dpr-k1 retrieval-reranker eval-reranker reranker-epoch"
 ALL="$CORE $ABLATION $MORE"  # the table prints every row that has run, in this order
 ROWS=" ${ROWS:-core} "
 ROWS=${ROWS// core / $CORE }; ROWS=${ROWS// ablation / $ABLATION }; ROWS=${ROWS// more / $MORE }; ROWS=${ROWS// all / $ALL }
@@ -153,7 +153,9 @@ if [ -f "$OUT/retriever-dpr.json" ]; then
       --set model.init_from="$(model_of rag-seq-dpr)"
     if [ -f "$OUT/reranker.json" ]; then
       # its order weighs the retriever's rank, logit - w·ln(1 + rank) at the default w = 1 (chosen on
-      # training questions); the ablation's *-no-prior rows order by the logit alone (w = 0)
+      # training questions); the ablation's *-no-prior rows order by the logit alone (w = 0).
+      # eval-reranker-k1 reports the reranked recall@1/5 itself; retrieval-reranker (group more)
+      # adds the dense and hybrid columns of the same questions
       reranker_recall retrieval-reranker
       IDX=$DPR_INDEX evaluate eval-reranker-k1 "$(model_of reranker)" --hybrid --n-docs 1
       IDX=$DPR_INDEX evaluate eval-reranker "$(model_of reranker)" --hybrid
