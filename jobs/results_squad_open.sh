@@ -11,7 +11,7 @@
 #   frozen and trained, RAG-Token, the retriever warm-up, hybrid candidates) and the best model's
 #   path (the longer reader, both DPR towers, their index, joint training, the reranker, EM read
 #   from its top passage): about 3 h 10 min;
-# - ablation: issue 11's fixes, each taken away alone (section 9, and rag-seq-gold): about 65 min;
+# - ablation: issue 11's fixes, each taken away alone (section 9, and rag-seq-gold) and the rank prior: about 75 min;
 # - more: the other rows of docs/results.md (other decodings, K=1/K=3 variants, a third reader
 #   round, a second DPR epoch and the reranker's whole epoch, which did not help): about 2 h 50 min.
 set -euo pipefail
