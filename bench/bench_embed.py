@@ -3,7 +3,7 @@
 Both sides embed the same passages with the same EmbedPassages stage, batch size and torch
 threads; the baseline also builds the same FAISS Flat index, so the ratio is end to end:
 
-    python bench/bench_embed.py --corpus squad-open --threads 2 [--docs 1000] [--precision auto] [--bf16]
+    python bench/bench_embed.py --corpus squad-open --threads 2 [--docs 1000] [--repeat 4] [--precision auto] [--bf16]
 
 Both sides use the same precision (``auto``: bf16 where the CPU has it, as the build does). The
 plain side is timed stage by stage (read + split, load, embed, shard build, write); the Ray side
@@ -27,18 +27,27 @@ import numpy as np  # noqa: E402
 from _common import RaySampler, emit, rss_mb  # noqa: E402
 
 
-def passages_for(corpus: str, docs: int | None):
+def passages_for(corpus: str, docs: int | None, repeat: int = 1):
+    """The corpus file to embed (the first ``docs`` documents; ``repeat`` copies of it with their
+    own ids, to see how the fixed costs amortize over a longer build) and its passages."""
+    import json
+
     from rag_ray.corpus import read_passages
     from rag_ray.datasets import resolve_data_path
 
     path = resolve_data_path(corpus)
-    if docs:
+    if docs or repeat > 1:
         tmp = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if i >= docs:
-                    break
-                tmp.write(line)
+        for copy in range(repeat):
+            with open(path) as f:
+                for i, line in enumerate(f):
+                    if docs and i >= docs:
+                        break
+                    if copy:
+                        row = json.loads(line)
+                        row["id"] = f"{row['id']}@{copy}"
+                        line = json.dumps(row) + "\n"
+                    tmp.write(line)
         tmp.close()
         path = tmp.name
     return path, read_passages(path)
@@ -156,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="squad-open")
     parser.add_argument("--docs", type=int, help="first N documents only")
+    parser.add_argument("--repeat", type=int, default=1, help="embed this many copies of the corpus (own ids)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain process")
     parser.add_argument("--ray-threads", type=int, help="torch threads per embedding actor (default: sized by the build)")
     parser.add_argument("--embedders", type=int, help="embedding actors (default: sized by the build)")
@@ -167,7 +177,7 @@ def main() -> None:
 
     from rag_ray.config import EncoderConfig
 
-    path, passages = passages_for(args.corpus, args.docs)
+    path, passages = passages_for(args.corpus, args.docs, args.repeat)
     print(f"{len(passages)} passages from {path}; threads={args.threads}; precision={args.precision}", flush=True)
     base, vecs, encoder = plain(path, EncoderConfig(precision=args.precision), args.threads, batch_rows=256,
                                 shards=args.shards)
