@@ -359,6 +359,10 @@ def cmd_quickstart(args) -> int:
 
 # ----------------------------------------------------------------------------- main
 
+_RERANK_PRIOR_HELP = ("w in the reranker's order, logit - w * ln(1 + retriever rank) (default: the saved reranker's "
+                      "own, 1 unless trained with another; 0: the logit alone)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -403,8 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "column, its order of the hybrid (else dense) top --rerank-candidates")
     p.add_argument("--rerank-candidates", type=int,
                    help="candidates the reranker orders (default: the model's own, else 20)")
-    p.add_argument("--rerank-prior", type=float, help="w in the reranker's order, logit - w * ln(1 + retriever rank) (default: the saved "
-                                      "reranker's own, 1 unless trained with another; 0: the logit alone)")
+    p.add_argument("--rerank-prior", type=float, help=_RERANK_PRIOR_HELP)
     _add_hybrid(p)
     _add_common(p)
     p.set_defaults(func=cmd_eval_retrieval)
@@ -435,8 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer with the tokenizer's decode, not the passage's own text of the answer")
         p.add_argument("--no-rerank", action="store_true",
                        help="read the retriever's top n_docs even when the model has a reranker")
-        p.add_argument("--rerank-prior", type=float, help="w in the reranker's order, logit - w * ln(1 + retriever rank) (default: the saved "
-                                      "reranker's own, 1 unless trained with another; 0: the logit alone)")
+        p.add_argument("--rerank-prior", type=float, help=_RERANK_PRIOR_HELP)
         _add_hybrid(p)
         _add_common(p)
         p.set_defaults(func=cmd_eval_qa if name == "eval-qa" else cmd_ask)
