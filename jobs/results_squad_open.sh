@@ -31,13 +31,22 @@ mkdir -p "$OUT"
 
 wanted() { [[ " $ROWS " == *" $1 "* ]] && [ ! -f "$OUT/$1.json" ]; }
 field_of() { "$BIN/python" -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$OUT/$1.json" "$2"; }
-model_of() {  # a row's saved model: the rows after it start from it
-  [ -f "$OUT/$1.json" ] || { echo "row $1 has not run: its model is needed first (ROWS=\"$1 ...\" or ROWS=core)" >&2; exit 1; }
-  field_of "$1" model
+model_of() {  # a row's saved model (the rows after it start from it), or missing:<row> before it has run
+  if [ -f "$OUT/$1.json" ]; then field_of "$1" model; else echo "missing:$1"; fi
+}
+needs() {  # row name, then its arguments: stop when they name the model of a row that has not run
+  local row=$1 arg dep; shift
+  for arg in "$@"; do
+    if [[ "$arg" == *missing:* ]]; then
+      dep=${arg##*missing:}; dep=${dep%%/*}
+      echo "row $row needs row $dep's model first (ROWS=\"$dep $row\" or ROWS=core)" >&2; exit 1
+    fi
+  done
 }
 train() {  # row name, config, then overrides
   local row=$1 cfg=$2; shift 2
   wanted "$row" || return 0
+  needs "$row" "$@"
   echo "$(date +%T) training: $row"
   "$BIN/rag-ray" train --config "$cfg" --set checkpoint.name="$row" --set report="$OUT/$row.json" "$@" "${EXTRA[@]}" \
     > "$OUT/$row.log" 2>&1 || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
@@ -46,6 +55,7 @@ reranker_recall() {  # row name, then eval-retrieval flags: the reranker row's o
   local row=$1 model; shift
   wanted "$row" || return 0
   model=$(model_of reranker)
+  needs "$row" "$model"
   echo "$(date +%T) evaluating: $row"
   "$BIN/rag-ray" eval-retrieval --index "$DPR_INDEX" --encoder "$model/query_encoder" --questions squad-open:dev \
     --hybrid --reranker "$model" --no-bm25 --json "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" \
@@ -56,6 +66,7 @@ reranker_recall() {  # row name, then eval-retrieval flags: the reranker row's o
 evaluate() {  # row name, model, then eval-qa flags
   local row=$1 model=$2; shift 2
   wanted "$row" || return 0
+  needs "$row" "$model"
   echo "$(date +%T) evaluating: $row"
   "$BIN/rag-ray" eval-qa --model "$model" --index "${IDX:-indexes/squad-open}" --questions squad-open:dev --decoding fast \
     --n-docs 3 --json --predictions "$OUT/$row.predictions.jsonl" "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" \
