@@ -251,11 +251,7 @@ def cmd_ask(args) -> int:
     pipeline.hybrid, pipeline.lexical_k = args.hybrid, args.lexical_k
     pipeline.use_reranker = pipeline.use_reranker and not args.no_rerank
     if args.rerank_prior is not None:
-        from rag_ray.reranker import check_rank_prior
-
-        if pipeline.model.reranker is None:
-            raise RagRayError(f"--rerank-prior: {args.model} has no reranker")
-        pipeline.model.reranker.rank_prior = check_rank_prior(args.rerank_prior, "--rerank-prior")
+        pipeline.model.set_rerank_prior(args.rerank_prior, "--rerank-prior")
     answers = pipeline.answer(questions, mode=mode, n_docs=args.n_docs, decoding=args.decoding,
                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     pipeline.close()

@@ -413,9 +413,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.doc_score_scale is not None:
         model.set_doc_score_scale(cfg.doc_score_scale)
     if cfg.rerank_prior is not None:
-        if model.reranker is None:
-            raise RagRayError(f"rerank_prior: {cfg.model} has no reranker")
-        model.reranker.rank_prior = cfg.rerank_prior
+        model.set_rerank_prior(cfg.rerank_prior)
     mode = Mode.parse(cfg.mode or model.config.mode)
     n_docs = cfg.n_docs or model.config.n_docs
     index = retriever = None

@@ -224,6 +224,15 @@ class RagModel(nn.Module):
         with torch.no_grad():
             self.log_doc_score_scale.fill_(math.log(value))
 
+    def set_rerank_prior(self, value: float, where: str = "rerank_prior") -> None:
+        """Set the reranker's w in logit - w·ln(1 + retriever rank) (saved with it); ``where`` names
+        the setting in the errors."""
+        from rag_ray.reranker import check_rank_prior
+
+        if self.reranker is None:
+            raise RagRayError(f"{where}: the model has no reranker (objective: reranker trains one)")
+        self.reranker.rank_prior = check_rank_prior(value, where)
+
     def doc_scores(self, question_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
         """q·d for each retrieved passage: [B, D], [B, K, D] -> [B, K] (differentiable in q).
         Always fp32, also under autocast: p(z|x) is a softmax over close scores."""

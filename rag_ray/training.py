@@ -80,9 +80,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
     elif model.reranker is not None:
         model.reranker.requires_grad_(False)
     if m.rerank_prior is not None:
-        if model.reranker is None:
-            raise RagRayError("model.rerank_prior: the model has no reranker (objective: reranker trains one)")
-        model.reranker.rank_prior = m.rerank_prior
+        model.set_rerank_prior(m.rerank_prior, "model.rerank_prior")
     if m.max_source_length is not None:
         model.generator.max_source_length = m.max_source_length
     if m.max_target_length is not None:
