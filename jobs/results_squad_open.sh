@@ -21,7 +21,7 @@ CFG=jobs/configs/train_squad_open_cpu.yaml
 OUT=runs/results
 CORE="reader retriever eval-gold eval-reader eval-retriever eval-retriever-hybrid closed-book rag-seq-frozen rag-seq rag-token reader-2 eval-gold-2 retriever-dpr retrieval-dpr rag-seq-dpr reranker eval-reranker-k1"
 ABLATION="rag-seq-gold reader-no-shuffle eval-gold-no-shuffle reader-pointer-identity eval-gold-pointer-identity eval-reader-no-span eval-reader-scale-1 retrieval-reranker-no-prior eval-reranker-k1-no-prior"
-MORE="eval-hybrid-2 eval-hybrid-2-k1 reader-3 eval-gold-3 rag-seq-hybrid rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 retriever-dpr-2 retrieval-dpr-2 eval-seq-dpr-k1 retrieval-reranker eval-reranker reranker-epoch"
+MORE="eval-hybrid-2 eval-hybrid-2-k1 reader-3 eval-gold-3 rag-seq-hybrid rag-seq-e2e rag-seq-e2e-stale rag-seq-2 eval-seq-2-k1 eval-seq-2-thorough eval-dpr eval-dpr-hybrid eval-dpr-hybrid-k1 retriever-dpr-2 retrieval-dpr-2 eval-seq-dpr-k1 retrieval-reranker eval-reranker reranker-epoch"
 ALL="$CORE $ABLATION $MORE"  # the table prints every row that has run, in this order
 ROWS=" ${ROWS:-core} "
 ROWS=${ROWS// core / $CORE }; ROWS=${ROWS// ablation / $ABLATION }; ROWS=${ROWS// more / $MORE }; ROWS=${ROWS// all / $ALL }
@@ -48,7 +48,8 @@ train() {  # row name, config, then overrides
   wanted "$row" || return 0
   needs "$row" "$@"
   echo "$(date +%T) training: $row"
-  "$BIN/rag-ray" train --config "$cfg" --set checkpoint.name="$row" --set report="$OUT/$row.json" "$@" "${EXTRA[@]}" \
+  "$BIN/rag-ray" train --config "$cfg" --set checkpoint.name="$row" --set report="$OUT/$row.json" \
+    --set eval.predictions="$OUT/$row.predictions.jsonl" "$@" "${EXTRA[@]}" \
     > "$OUT/$row.log" 2>&1 || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
 }
 reranker_recall() {  # row name, then eval-retrieval flags: the reranker row's order of its hybrid top 20
@@ -109,6 +110,13 @@ train rag-seq        "$CFG" --set model.init_from="$RETRIEVER" "${DEV[@]}"
 train rag-seq-gold   "$CFG" --set model.init_from="$RETRIEVER" --set data.gold_in_top_k=true "${DEV[@]}"
 train rag-seq-hybrid "$CFG" --set model.init_from="$RETRIEVER" --set model.hybrid=true "${DEV[@]}"
 train rag-token      "$CFG" --set model.init_from="$RETRIEVER" --set model.mode=token --set eval.decoding=greedy "${DEV[@]}"
+# 4b. the end-to-end retriever (group more): rag-seq with the passage encoder trained too, p(z|x) from the
+# retrieved passages re-embedded by it, and the index rebuilt with it (Ray Data, into the run's own index
+# root) every 50 steps and after the last; -stale rebuilds it only after the last, so training searches
+# the first index throughout. Each row evaluates on its own last index (the report's "index").
+E2E=(--set model.init_from="$RETRIEVER" --set model.train_passage_encoder=true "${DEV[@]}")
+train rag-seq-e2e       "$CFG" "${E2E[@]}" --set index_refresh.every=50
+train rag-seq-e2e-stale "$CFG" "${E2E[@]}" --set index_refresh.every=0
 # 5. joint training from the longer reader: hybrid candidates, the gold passage in the top K, and
 # a generator learning rate 10x lower (3e-5) than the rows above, which lowered EM at 3e-4
 train rag-seq-2      "$CFG" --set model.init_from="$READER2" --set model.hybrid=true --set data.gold_in_top_k=true \

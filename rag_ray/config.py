@@ -194,9 +194,11 @@ class TrainModel:
     hybrid: bool = False
     lexical_k: int | None = None
     freeze_query_encoder: bool = False
-    #: the retriever objective: also train a passage encoder (DPR's second tower, starting from
-    #: the index's) on the passages' text instead of scoring their stored vectors. The index must
-    #: then be rebuilt with it: ``rag-ray index --encoder <checkpoint>/passage_encoder``
+    #: also train a passage encoder (DPR's second tower, starting from the index's) on the
+    #: passages' text instead of scoring their stored vectors. The retriever objective: the index
+    #: is rebuilt after, ``rag-ray index --encoder <checkpoint>/passage_encoder``. The rag objective
+    #: (the end-to-end retriever follow-up to RAG): p(z|x) scores the retrieved passages re-embedded
+    #: with it, and ``index_refresh`` rebuilds the index it searches during training
     train_passage_encoder: bool = False
     #: the reranker objective: where a new reranker starts when ``init_from`` has none (any encoder
     #: checkpoint; its one-logit score head starts at random)
@@ -277,6 +279,9 @@ class TrainEval:
     max_new_tokens: int = 16
     #: answers found in a retrieved passage are scored as written there (RagPipeline's span recovery)
     span_recovery: bool = True
+    #: where the last evaluation writes each question's prediction (JSONL, as ``eval-qa
+    #: --predictions``, for ``rag-ray compare``); None: not written
+    predictions: str | None = None
 
     def validate(self) -> list[str]:
         return _at_least(1, self, "every", "num_beams", "max_new_tokens") + _at_least(0, self, "questions")
@@ -298,6 +303,27 @@ class TrainCheckpoint:
     def validate(self) -> list[str]:
         problems = _at_least(1, self, "every", "num_to_keep") + _at_least(-1, self, "max_failures")
         return problems + ([] if self.name else ["name: give the run a name"])
+
+
+@dataclass(frozen=True)
+class TrainIndexRefresh:
+    """The rag objective with ``model.train_passage_encoder``: the passage encoder drifts from the
+    one that embedded the index, so retrieval would search ever staler vectors. Every ``every``
+    steps, and once after the last step, rank 0 re-embeds the index's corpus with the encoder being
+    trained (the same Ray Data build as ``rag-ray index``) into a new version under ``root``, starts
+    its shard actors, and every worker searches it from the next step on. The user's index is never
+    written; the run's report names the version its model goes with."""
+
+    #: steps between refreshes; 0: only the one after the last step (the model and its index match)
+    every: int = 0
+    #: the index root the refreshed versions go to; None: ``<checkpoint.storage_path>/<name>/<name>-index``
+    root: str | None = None
+    #: embedding actors of a refresh (one CPU and one torch thread each); None: one per CPU that
+    #: Ray reports free while training holds its own (the training waits meanwhile)
+    embedders: int | None = None
+
+    def validate(self) -> list[str]:
+        return _at_least(0, self, "every") + _at_least(1, self, "embedders")
 
 
 @dataclass(frozen=True)
@@ -346,7 +372,13 @@ class TrainConfig:
     eval: TrainEval = field(default_factory=TrainEval)
     checkpoint: TrainCheckpoint = field(default_factory=TrainCheckpoint)
     scaling: TrainScaling = field(default_factory=TrainScaling)
+    index_refresh: TrainIndexRefresh = field(default_factory=TrainIndexRefresh)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def refreshes_index(self) -> bool:
+        """Whether the run rebuilds its index (the rag objective training the passage encoder)."""
+        return self.retrieves_in_training and self.model.train_passage_encoder
 
     @property
     def retrieves_in_training(self) -> bool:
@@ -371,7 +403,7 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         problems = _at_least(1, self, "log_every")
-        for name in ("data", "model", "optim", "eval", "checkpoint", "scaling"):
+        for name in ("data", "model", "optim", "eval", "checkpoint", "scaling", "index_refresh"):
             problems += [f"{name}.{p}" for p in getattr(self, name).validate()]
         mode = self.model.mode
         if self.retrieves_in_training and self.index is None:
@@ -385,9 +417,14 @@ class TrainConfig:
                                 "give an index directory")
             if self.model.freeze_query_encoder:
                 problems.append("model.freeze_query_encoder: objective 'retriever' trains only the query encoder")
-        elif self.model.train_passage_encoder:
-            problems.append("model.train_passage_encoder: applies to objective 'retriever' (the rag objective reads "
-                            "the index's stored vectors)")
+        elif self.model.train_passage_encoder and not self.retrieves_in_training:
+            problems.append("model.train_passage_encoder: applies to objective 'retriever', or 'rag' in a retrieving "
+                            f"mode (got objective {self.objective.value!r}, mode {mode.value!r})")
+        if self.refreshes_index and "://" in self.checkpoint.storage_path and self.index_refresh.root is None:
+            problems.append("index_refresh.root: checkpoint.storage_path is a URI; give a directory every node reads "
+                            "(the refreshed index's shard actors load it by path)")
+        if self.index_refresh != TrainIndexRefresh() and not self.refreshes_index:
+            problems.append("index_refresh: applies to the rag objective with model.train_passage_encoder")
         if self.data.gold_in_top_k and not self.retrieves_in_training:
             problems.append("data.gold_in_top_k: applies to the rag objective in a retrieving mode (sequence or token)")
         if self.objective is Objective.READER:

@@ -4,9 +4,10 @@ Each step a worker embeds its batch's questions, asks the ``IndexShard`` actors 
 passages and their stored vectors (workers hold no copy of the index), recomputes p(z|x) from
 the query encoder's output so the answer loss trains it, and updates query encoder + generator
 under DDP (gloo on CPU, nccl on GPU). Retrieval for the next batch runs in a background thread
-while the current batch computes. The passage encoder and the index stay frozen, except in the
-retriever warm-up with ``model.train_passage_encoder`` (DPR's two towers), whose passage encoder
-is saved beside the model for a rebuilt index.
+while the current batch computes. The passage encoder and the index stay frozen, except with
+``model.train_passage_encoder``: in the retriever warm-up (DPR's two towers) its passage encoder
+is saved beside the model for a rebuilt index; in the rag objective p(z|x) scores the retrieved
+passages re-embedded by it, and the index is rebuilt with it during training (rag_ray.refresh).
 
 A worker runs ``setup`` (model, optimizer, schedule: fresh or from a checkpoint), then
 ``train_step`` once per batch, and every ``checkpoint.every`` / ``eval.every`` steps reports
@@ -34,6 +35,8 @@ from rag_ray.datasets import QAExample, read_questions
 from rag_ray.encoders import Encoder
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
+from rag_ray.manifest import index_identity
+from rag_ray.refresh import IndexRefresher, attach_refreshed
 from rag_ray.reranker import Reranker
 from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, exact_recall, gold_hit, gold_passage
 from rag_ray.types import Passage, SearchResult
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
-#: beside MODEL_DIR in a checkpoint of the retriever objective with model.train_passage_encoder
+#: beside MODEL_DIR in a checkpoint of a run with model.train_passage_encoder
 PASSAGE_ENCODER_DIR = "passage_encoder"
 #: the most passages a training run re-embeds in memory to score a passage encoder it trains
 REEMBED_LIMIT = 200_000
@@ -91,7 +94,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RagModel:
 
 
 def build_passage_encoder(cfg: TrainConfig, device: torch.device, checkpoint_dir: str | None = None) -> Encoder | None:
-    """The passage encoder the retriever objective trains (``model.train_passage_encoder``): the
+    """The passage encoder a run trains (``model.train_passage_encoder``): the
     checkpoint's when resuming, else the one the index was built with, with the index's pooling,
     normalisation and length, so its first vectors are the stored ones. None when not trained."""
     from rag_ray.manifest import IndexManifest, resolve_index
@@ -141,13 +144,22 @@ def build_optimizer(model: RagModel, cfg: TrainConfig, passage_encoder: Encoder 
 
 
 class LossModule(torch.nn.Module):
-    """What DDP wraps: ``forward`` is one RAG loss computation, so DDP's gradient hooks fire."""
+    """What DDP wraps: ``forward`` is one RAG loss computation, so DDP's gradient hooks fire. With
+    a ``passage_encoder`` the retrieved passages are re-embedded from their text, so p(z|x) is
+    scored with the encoder being trained and the answer loss reaches it (the end-to-end
+    retriever); the index's stored vectors only chose the candidates."""
 
-    def __init__(self, model: RagModel) -> None:
+    def __init__(self, model: RagModel, passage_encoder: Encoder | None = None) -> None:
         super().__init__()
         self.model = model
+        self.passage_encoder = passage_encoder
 
     def forward(self, questions, answers, passages, doc_vectors, question_vectors=None, n_docs=None):
+        if self.passage_encoder is not None and passages is not None:
+            k = n_docs or self.model.config.n_docs
+            if all(len(row) >= k for row in passages):  # else the loss names the short row
+                texts = [embedding_text(p.title, p.text) for row in passages for p in row[:k]]
+                doc_vectors = self.passage_encoder.embed(texts).reshape(len(passages), k, -1)
         out = self.model.loss(questions, answers, passages, doc_vectors, question_vectors=question_vectors,
                               n_docs=n_docs)
         return out.loss, out.doc_log_prior.detach()
@@ -197,7 +209,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
     step: int = 0
-    #: the retriever objective's second tower (``model.train_passage_encoder``), else None
+    #: the passage encoder being trained (``model.train_passage_encoder``), else None
     passage_encoder: Encoder | None = None
     #: the checkpoint step this run started from; None for a fresh start
     resumed_from: int | None = None
@@ -235,7 +247,7 @@ def setup(cfg: TrainConfig, device: torch.device, checkpoint_dir: str | None = N
     elif cfg.objective is Objective.RERANKER:
         loss_fn = RerankLossModule(model)
     else:
-        loss_fn = LossModule(model)
+        loss_fn = LossModule(model, passage_encoder)
     if wrap is not None:
         loss_fn = wrap(loss_fn)
     return TrainState(cfg, model, loss_fn, optimizer, scheduler, device, step, passage_encoder, resumed_from)
@@ -319,6 +331,13 @@ class Prefetcher:
         if pending is None:
             return self.pipeline.retrieve(questions, self.k)
         return pending.result()
+
+    def swap(self, retriever, pending, questions: Sequence[str]) -> Future | None:
+        """Search ``retriever`` from now on; the batch prefetched from the old one is searched again."""
+        if pending is not None:
+            pending.result()
+        self.pipeline.retriever = retriever
+        return self.submit(questions) if questions else None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -562,6 +581,26 @@ def train_loop_per_worker(config: dict) -> None:
                           state.model.config.rerank_candidates if reranking else cfg.model.n_docs,
                           cfg.prefetch, cfg.model.hybrid, cfg.model.lexical_k, rerank=not reranking)
     retrieval_log: list[dict] = []
+    refresher = IndexRefresher(cfg) if cfg.refreshes_index and rank == 0 else None
+    refreshes = {"index": cfg.index, "index_refreshes": 0, "index_refresh_seconds": 0.0}
+
+    def refresh_index() -> None:
+        """Rank 0 rebuilds the index with the passage encoder as it is now; every worker then
+        searches the new version (the others wait for it, then attach to its shards by name)."""
+        nonlocal retriever, metadata
+        t0 = time.perf_counter()
+        version = [str(refresher.refresh(state.passage_encoder, state.step)) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(version, src=0)
+        retriever = refresher.retriever() if rank == 0 else attach_refreshed(version[0])
+        metadata = {**metadata, "index": index_identity(version[0])}
+        refreshes["index"] = version[0]
+        refreshes["index_refreshes"] += 1
+        refreshes["index_refresh_seconds"] = round(refreshes["index_refresh_seconds"] + time.perf_counter() - t0, 1)
+
+    if cfg.refreshes_index and state.resumed_from is not None:
+        refresh_index()  # the checkpoint's passage encoder is newer than any index on disk
+        prefetch.swap(retriever, None, [])
     data_start = time.perf_counter()
     batch = next(batches)  # starts Ray Data's streaming split: a fixed cost, reported on its own
     progress = Progress(world, first_batch_s=time.perf_counter() - data_start)
@@ -584,10 +623,17 @@ def train_loop_per_worker(config: dict) -> None:
             # print, not logging: Ray forwards worker stdout to the driver and `ray job logs`.
             print(progress.log_line(state), flush=True)
         final = state.step >= cfg.optim.max_steps or stop
+        every = cfg.index_refresh.every
+        if cfg.refreshes_index and (final or (every and state.step % every == 0)):
+            refresh_index()
+            pending = prefetch.swap(retriever, pending, [str(q) for q in batch["question"]])
         evaluate = final or state.step % cfg.eval.every == 0
         if evaluate or state.step % cfg.checkpoint.every == 0:
             metrics = progress.metrics(state)
-            if rank == 0 and dev_rows and evaluate and state.passage_encoder is not None:
+            if cfg.refreshes_index:
+                metrics.update(refreshes)
+            if (rank == 0 and dev_rows and evaluate and state.passage_encoder is not None
+                    and cfg.objective is Objective.RETRIEVER):
                 metrics.update(evaluate_recall_reembedded(state, dev_rows))
             elif rank == 0 and dev_rows and evaluate and cfg.objective in (Objective.RETRIEVER, Objective.RERANKER):
                 metrics.update(evaluate_recall(state.model, retriever, dev_rows, cfg.index, rerank=reranking,
@@ -597,7 +643,11 @@ def train_loop_per_worker(config: dict) -> None:
                                            mode=cfg.model.mode, n_docs=cfg.model.n_docs, decoding=cfg.eval.decoding,
                                            num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
                                            span_recovery=cfg.eval.span_recovery, hybrid=cfg.model.hybrid,
-                                           lexical_k=cfg.model.lexical_k))
+                                           lexical_k=cfg.model.lexical_k,
+                                           keep_predictions=final and cfg.eval.predictions is not None))
+                predictions = metrics.pop("predictions", None)
+                if predictions is not None:
+                    atomic_write_text(cfg.eval.predictions, "".join(json.dumps(p) + "\n" for p in predictions))
                 print(f"[rag_ray.train] eval at step {state.step}: "
                       f"{ {k: round(v, 4) for k, v in metrics.items() if k.startswith('dev_') and not k.endswith('_ci95')} }", flush=True)
             if retrieval_log:
@@ -607,6 +657,8 @@ def train_loop_per_worker(config: dict) -> None:
             if stop:
                 break
     prefetch.close()
+    if refresher is not None:
+        refresher.close()
 
 
 def evaluate_recall(model: RagModel, retriever, dev_rows: list[dict], index: str, rerank: bool = False,
@@ -728,12 +780,13 @@ def run_training(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rag_ray.manifest import index_identity
     from rag_ray.retriever import Retriever
 
     check_index_compatibility(cfg)
     if cfg.index is not None:  # workers run in a directory of their own and read the index's files
         cfg = replace(cfg, index=str(Path(cfg.index).resolve()))
+    if cfg.eval.predictions is not None:  # written by rank 0, which runs in a directory of its own
+        cfg = replace(cfg, eval=replace(cfg.eval, predictions=str(Path(cfg.eval.predictions).resolve())))
     train = qa_rows(read_questions(cfg.data.train))
     if cfg.objective is Objective.READER:
         train, dropped = with_gold_passages(train, cfg.data.corpus)
@@ -792,6 +845,8 @@ def run_training(cfg: TrainConfig) -> dict:
               "model": str(Path(result.checkpoint.path) / MODEL_DIR) if result.checkpoint else None,
               "passage_encoder": (str(Path(result.checkpoint.path) / PASSAGE_ENCODER_DIR)
                                   if result.checkpoint and cfg.model.train_passage_encoder else None),
+              # the index the model goes with: the last refresh's when the run rebuilt it
+              "index": metrics.get("index", cfg.index),
               "train_questions": len(train), "dev_questions": len(dev)}
     if cfg.report is not None:
         atomic_write_text(cfg.report, json.dumps(report, indent=2))

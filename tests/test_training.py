@@ -257,9 +257,11 @@ def test_killed_worker_recovers_from_the_last_checkpoint(setup):
             # Kill only once the controller has registered a checkpoint (its snapshot lists one);
             # a checkpoint folder on disk alone may not be registered yet.
             if registered_checkpoints(run_dir):
-                # Ray titles actor processes "ray::RayTrainWorker...": kill one train worker.
-                workers = [p.pid for p in psutil.process_iter(["cmdline"])
-                           if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+                # Ray titles actor processes "ray::RayTrainWorker...": kill one of this test's train
+                # workers, children of the raylet this process started (not another Ray's on the machine)
+                raylets = {c.pid for c in psutil.Process().children()}
+                workers = [p.pid for p in psutil.process_iter(["cmdline", "ppid"]) if p.info["ppid"] in raylets
+                           and any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
                 if workers:
                     os.kill(workers[-1], signal.SIGKILL)
                     killed.append(workers[-1])
@@ -444,7 +446,7 @@ def test_passage_encoder_training_saves_a_tower_whose_rebuilt_index_gives_the_re
     root, questions = setup
     untuned = _untuned_query_model(root, seed=321, name="untuned_for_dpr")
     with pytest.raises(RagRayError, match="train_passage_encoder: applies to objective 'retriever'"):
-        _cfg(root, questions, "x", {"model.train_passage_encoder": True})
+        _cfg(root, questions, "x", {"model.train_passage_encoder": True, "model.mode": "closed_book"})
     report = run_training(_cfg(root, questions, "dpr", {
         "objective": "retriever", "model.init_from": str(root / "untuned_for_dpr"), "data.hard_negatives": 1,
         "model.train_passage_encoder": True, "scaling.num_workers": 1, "optim.batch_size": 4,
@@ -471,6 +473,69 @@ def test_passage_encoder_training_saves_a_tower_whose_rebuilt_index_gives_the_re
     assert rebuilt == pytest.approx(m["dev_recall@1"])
     for a, b in zip(untuned.generator.parameters(), model.generator.parameters()):
         assert torch.equal(a, b)
+
+
+def test_end_to_end_retriever_refreshes_the_index_it_searches(setup):
+    """The rag objective with ``model.train_passage_encoder`` (the end-to-end retriever): p(z|x)
+    scores the retrieved passages re-embedded by the passage encoder, so the answer loss trains it;
+    every 4 steps and after the last, rank 0 rebuilds the index with it (the real Ray Data build)
+    into the run's own root, and both workers search the new version. The last version's stored
+    vectors are the saved encoder's, the run's dev recall is that version's, and the user's index
+    is not written."""
+    import numpy as np
+
+    from rag_ray.corpus import embedding_text
+    from rag_ray.datasets import QAExample
+    from rag_ray.encoders import Encoder
+    from rag_ray.evaluation import evaluate_retrieval, index_passages, index_vectors, read_predictions
+    from rag_ray.manifest import IndexManifest, resolve_index
+
+    root, questions = setup
+    source = resolve_index(root / "index")
+    source_files = sorted((str(f), f.stat().st_mtime_ns) for f in (root / "index").rglob("*"))
+    with pytest.raises(RagRayError, match="index_refresh: applies to the rag objective with model.train_passage"):
+        _cfg(root, questions, "x", {"index_refresh.every": 2})
+    report = run_training(_cfg(root, questions, "refresh", {
+        "model.train_passage_encoder": True, "index_refresh.every": 4, "optim.max_steps": 10,
+        "eval.every": 10, "checkpoint.every": 10, "eval.predictions": str(root / "refresh.predictions.jsonl")}))
+    m = report["metrics"]
+    assert m["step"] == 10 and m["index_refreshes"] == 3, m  # after steps 4 and 8, and the last
+    # the last evaluation's predictions, one per dev question, agree with its EM (eval.predictions)
+    rows = read_predictions(root / "refresh.predictions.jsonl")
+    assert len(rows) == 5 and sum(r["em"] for r in rows) / 5 == pytest.approx(m["dev_em"])
+    refreshed = Path(report["index"])
+    assert refreshed.parent == (root / "runs" / "refresh" / "refresh-index").resolve()
+    assert m["index"] == str(refreshed)
+    assert sorted((str(f), f.stat().st_mtime_ns) for f in (root / "index").rglob("*")) == source_files
+    manifest = IndexManifest.read(refreshed)
+    assert manifest.passage_count == IndexManifest.read(source).passage_count and manifest.shard_count == 2
+
+    # the passage encoder learned from the answer loss alone, and the last version is its embedding
+    trained = Encoder.from_pretrained(report["passage_encoder"], device="cpu")
+    start = Encoder.from_pretrained(str(root / "passage_encoder"), device="cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
+    passages = index_passages(refreshed)
+    rows = list(range(len(passages["passage_id"])))
+    texts = [embedding_text(t, x) for t, x in zip(passages["title"], passages["text"])]
+    stored = np.stack([index_vectors(refreshed, rows)[r] for r in rows])
+    by_id = {pid: r for r, pid in enumerate(index_passages(source)["passage_id"])}
+    stale = np.stack([index_vectors(source, [by_id[p] for p in passages["passage_id"]])[by_id[p]]
+                      for p in passages["passage_id"]])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=manifest.corpus["precision"] != "fp32"):
+        now = trained.encode(texts)
+    drift, error = np.abs(stale - now).max(), np.abs(stored - now).max()
+    assert error < 0.2 * drift, (error, drift)
+
+    # the run's own dev evaluation searched the refreshed version
+    examples = [QAExample(q["question"], tuple(q["answers"]), q["doc_id"]) for q in TOY_QUESTIONS]
+    model = RagModel.from_pretrained(report["model"], device="cpu")
+    retriever = Retriever.load(refreshed)
+    try:
+        recall = evaluate_retrieval(retriever, model.query_encoder, examples, refreshed, ks=(2,),
+                                    bm25=False)["dense"]["recall@2"]
+    finally:
+        retriever.shutdown()
+    assert recall == pytest.approx(m["dev_recall@2"])
 
 
 def test_shuffle_mixes_articles_in_every_batch_and_reshuffles_each_epoch(ray_local):
