@@ -148,7 +148,9 @@ def build_index(cfg: IndexConfig) -> IndexManifest:
             skipped, examples = ray.get(skips.get.remote())
             if total == 0:
                 raise RagRayError(f"no passages in corpus {cfg.corpus}" + (f" ({skipped} rows skipped)" if skipped else ""))
-            return {"paths": [str(p) for p in cfg.corpus], "format": cfg.format, "max_words": cfg.max_words,
+            # absolute, so a later re-embedding (index_refresh) finds them from any working directory
+            paths = [str(p) if "://" in str(p) else str(Path(p).resolve()) for p in cfg.corpus]
+            return {"paths": paths, "format": cfg.format, "max_words": cfg.max_words,
                     "precision": cfg.encoder.precision, "skipped_rows": skipped,
                     "skipped_examples": examples, "embed_seconds": round(seconds, 2)}
 

@@ -34,18 +34,35 @@ def refresh_root(cfg: TrainConfig) -> Path:
     return (Path(cfg.checkpoint.storage_path) / name / f"{name}-index").resolve()
 
 
+def check_refresh_source(cfg: TrainConfig) -> None:
+    """On the driver, before any worker starts: the index records a corpus that is still there to
+    re-embed, and the refresh root is not the training's own index."""
+    from rag_ray.indexing import _check_root
+
+    source = resolve_index(cfg.index)
+    paths = IndexManifest.read(source).corpus.get("paths") or []
+    if not paths:
+        raise RagRayError(f"index_refresh: the manifest of {source} records no corpus to re-embed (indexes built by "
+                          "this rag_ray record it); rebuild the index with rag-ray index")
+    missing = [p for p in paths if "://" not in p and not Path(p).exists()]
+    if missing:
+        raise RagRayError(f"index_refresh: the corpus {source} was built from is gone: {missing[0]} does not exist")
+    root = refresh_root(cfg)
+    if root == source.parent:
+        raise RagRayError(f"index_refresh.root: {root} is the training's own index; the run writes its refreshed "
+                          "versions to a root of their own")
+    _check_root(root)
+
+
 class IndexRefresher:
     """Rank 0's: :meth:`refresh` rebuilds the index with a passage encoder and starts its shards."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.source_dir = resolve_index(cfg.index)
         self.source = IndexManifest.read(self.source_dir)
-        self.root = refresh_root(cfg)
+        self.root = refresh_root(cfg)  # absolute: run_training resolved it on the driver
         #: beside the root (an index root holds versions only): the encoders the versions were built with
         self.encoders = self.root.parent / f"{self.root.name}-encoders"
-        if self.root == self.source_dir.parent:
-            raise RagRayError(f"index_refresh.root: {self.root} is the training's own index; the run writes its "
-                              "refreshed versions to a root of their own")
         self.embedders = cfg.index_refresh.embedders
         self.shard_set = None  # the version this process started; retired when the next one serves
         self.count = 0
@@ -56,10 +73,7 @@ class IndexRefresher:
         with another passage encoder, into the refresh root, older unserved versions deleted."""
         import ray
 
-        m, corpus = self.source, self.source.corpus
-        if not corpus.get("paths"):
-            raise RagRayError(f"index refresh: the manifest of {self.source_dir} records no corpus paths to "
-                              "re-embed (an index built by this rag_ray records them)")
+        m, corpus = self.source, self.source.corpus  # its paths: checked by check_refresh_source
         free = ray.available_resources()
         gpus = int(free.get("GPU", 0))
         embedders = self.embedders or (gpus if gpus else int(free.get("CPU", 0)))

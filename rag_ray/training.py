@@ -36,7 +36,7 @@ from rag_ray.encoders import Encoder
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_write_text
 from rag_ray.manifest import index_identity
-from rag_ray.refresh import IndexRefresher, attach_refreshed
+from rag_ray.refresh import IndexRefresher, attach_refreshed, check_refresh_source, refresh_root
 from rag_ray.reranker import Reranker
 from rag_ray.evaluation import evaluate_qa, evaluate_retrieval, exact_recall, gold_hit, gold_passage
 from rag_ray.types import Passage, SearchResult
@@ -335,7 +335,10 @@ class Prefetcher:
     def swap(self, retriever, pending, questions: Sequence[str]) -> Future | None:
         """Search ``retriever`` from now on; the batch prefetched from the old one is searched again."""
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - its shards may be retired already; the batch is searched again
+                pass
         self.pipeline.retriever = retriever
         return self.submit(questions) if questions else None
 
@@ -626,7 +629,7 @@ def train_loop_per_worker(config: dict) -> None:
         every = cfg.index_refresh.every
         if cfg.refreshes_index and (final or (every and state.step % every == 0)):
             refresh_index()
-            pending = prefetch.swap(retriever, pending, [str(q) for q in batch["question"]])
+            pending = prefetch.swap(retriever, pending, [] if final else [str(q) for q in batch["question"]])
         evaluate = final or state.step % cfg.eval.every == 0
         if evaluate or state.step % cfg.checkpoint.every == 0:
             metrics = progress.metrics(state)
@@ -787,6 +790,9 @@ def run_training(cfg: TrainConfig) -> dict:
         cfg = replace(cfg, index=str(Path(cfg.index).resolve()))
     if cfg.eval.predictions is not None:  # written by rank 0, which runs in a directory of its own
         cfg = replace(cfg, eval=replace(cfg.eval, predictions=str(Path(cfg.eval.predictions).resolve())))
+    if cfg.refreshes_index:  # rank 0 writes the refreshed versions: where the driver means, not its own directory
+        cfg = replace(cfg, index_refresh=replace(cfg.index_refresh, root=str(refresh_root(cfg))))
+        check_refresh_source(cfg)
     train = qa_rows(read_questions(cfg.data.train))
     if cfg.objective is Objective.READER:
         train, dropped = with_gold_passages(train, cfg.data.corpus)

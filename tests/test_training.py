@@ -495,6 +495,9 @@ def test_end_to_end_retriever_refreshes_the_index_it_searches(setup):
     source_files = sorted((str(f), f.stat().st_mtime_ns) for f in (root / "index").rglob("*"))
     with pytest.raises(RagRayError, match="index_refresh: applies to the rag objective with model.train_passage"):
         _cfg(root, questions, "x", {"index_refresh.every": 2})
+    with pytest.raises(RagRayError, match="is the training's own index"):
+        run_training(_cfg(root, questions, "x", {"model.train_passage_encoder": True,
+                                                 "index_refresh.root": str(root / "index")}))
     report = run_training(_cfg(root, questions, "refresh", {
         "model.train_passage_encoder": True, "index_refresh.every": 4, "optim.max_steps": 10,
         "eval.every": 10, "checkpoint.every": 10, "eval.predictions": str(root / "refresh.predictions.jsonl")}))
