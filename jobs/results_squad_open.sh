@@ -13,7 +13,8 @@
 #   from its top passage): about 3 h 10 min;
 # - ablation: issue 11's fixes, each taken away alone (section 9, and rag-seq-gold) and the rank prior: about 75 min;
 # - more: the other rows of docs/results.md (other decodings, K=1/K=3 variants, a third reader
-#   round, a second DPR epoch and the reranker's whole epoch, which did not help): about 2 h 50 min.
+#   round, a second DPR epoch and the reranker's whole epoch, which did not help): about 2 h 50 min,
+#   and the end-to-end retriever with index refresh (rag-seq-e2e, rag-seq-e2e-stale): about 1 h more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
