@@ -25,7 +25,6 @@ from rag_ray.io import atomic_dir
 from rag_ray.manifest import IndexManifest, resolve_index, version_dirs
 
 
-
 def refresh_root(cfg: TrainConfig) -> Path:
     """Where a run's refreshed versions go: ``index_refresh.root``, else inside the run's folder."""
     if cfg.index_refresh.root is not None:
@@ -58,15 +57,13 @@ class IndexRefresher:
     """Rank 0's: :meth:`refresh` rebuilds the index with a passage encoder and starts its shards."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.source_dir = resolve_index(cfg.index)
-        self.source = IndexManifest.read(self.source_dir)
+        self.source = IndexManifest.read(resolve_index(cfg.index))
         self.root = refresh_root(cfg)  # absolute: run_training resolved it on the driver
         #: beside the root (an index root holds versions only): the encoders the versions were built with
         self.encoders = self.root.parent / f"{self.root.name}-encoders"
         self.embedders = cfg.index_refresh.embedders
         self.shard_set = None  # the version this process started; retired when the next one serves
-        self.count = 0
-        self.seconds = 0.0
+        self.count = 0  # for the log line; the training's metrics keep their own counts
 
     def index_config(self, encoder_dir: Path) -> IndexConfig:
         """The source index's build (corpus, cut, shards, FAISS type and parameters, precision)
@@ -112,7 +109,6 @@ class IndexRefresher:
         self._prune_encoders()
         seconds = time.perf_counter() - start
         self.count += 1
-        self.seconds += seconds
         print(f"[rag_ray.train] index refresh {self.count} at step {step}: {manifest.passage_count} passages "
               f"re-embedded into {version} in {seconds:.1f} s; training searches it from now on", flush=True)
         return version
