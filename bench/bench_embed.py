@@ -59,6 +59,8 @@ def plain(path: str, encoder_cfg, threads: int, batch_rows: int, shards: int = 0
     by the same ``shard_of``), else one faiss.IndexFlatIP."""
     import faiss
 
+    import rag_ray.encoders  # noqa: F401  (imports torch and transformers, untimed as before:
+    # EmbedPassages imports them itself since the Ray stages stopped importing them at module level)
     from rag_ray.corpus import read_passages
     from rag_ray.indexing import EmbedPassages, shard_of
     from rag_ray.shard import IndexShard

@@ -27,6 +27,16 @@ ALL="$CORE $ABLATION $MORE"  # the table prints every row that has run, in this 
 ROWS=" ${ROWS:-core} "
 ROWS=${ROWS// core / $CORE }; ROWS=${ROWS// ablation / $ABLATION }; ROWS=${ROWS// more / $MORE }; ROWS=${ROWS// all / $ALL }
 EXTRA=("$@")
+LIMIT=()
+IDXS=indexes  # the indexes the rows build (the DPR towers'); the shared squad-open index is always indexes/squad-open
+# SMOKE=1: every named row in one invocation on a tiny budget (2 training steps, 16 dev questions),
+# into runs/results-smoke with its own checkpoints and indexes: checks that the whole chain runs, start to end, from
+# a clean clone (about 30 min for core on 2 cores). Its numbers mean nothing.
+if [ -n "${SMOKE:-}" ]; then
+  OUT=runs/results-smoke; IDXS=$OUT/indexes
+  EXTRA+=(--set optim.max_steps=2 --set eval.questions=16 --set log_every=1 --set checkpoint.storage_path="$OUT/runs")
+  LIMIT=(--limit 16)
+fi
 mkdir -p "$OUT"
 [ -f indexes/squad-open/current ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml
 
@@ -60,7 +70,7 @@ reranker_recall() {  # row name, then eval-retrieval flags: the reranker row's o
   needs "$row" "$model"
   echo "$(date +%T) evaluating: $row"
   "$BIN/rag-ray" eval-retrieval --index "$DPR_INDEX" --encoder "$model/query_encoder" --questions squad-open:dev \
-    --hybrid --reranker "$model" --no-bm25 --json "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" \
+    --hybrid --reranker "$model" --no-bm25 --json "${LIMIT[@]}" "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" \
     || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
   tail -n 1 "$OUT/$row.out" > "$OUT/$row.json"
 }
@@ -71,7 +81,7 @@ evaluate() {  # row name, model, then eval-qa flags
   needs "$row" "$model"
   echo "$(date +%T) evaluating: $row"
   "$BIN/rag-ray" eval-qa --model "$model" --index "${IDX:-indexes/squad-open}" --questions squad-open:dev --decoding fast \
-    --n-docs 3 --json --predictions "$OUT/$row.predictions.jsonl" "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" \
+    --n-docs 3 --json --predictions "$OUT/$row.predictions.jsonl" "${LIMIT[@]}" "$@" > "$OUT/$row.out" 2> "$OUT/$row.log" \
     || { echo "row $row failed; see $OUT/$row.log"; exit 1; }
   tail -n 1 "$OUT/$row.out" > "$OUT/$row.json"
 }
@@ -138,13 +148,13 @@ train retriever-dpr jobs/configs/train_retriever_squad_open_cpu.yaml --set model
   --set checkpoint.every=230   # one epoch: 0.2 steps/s with both towers on 2 cores
 if [ -f "$OUT/retriever-dpr.json" ]; then
   DPR=$(model_of retriever-dpr)
-  DPR_INDEX=indexes/squad-open-dpr
+  DPR_INDEX=$IDXS/squad-open-dpr
   [ -f "$DPR_INDEX/current" ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml --out "$DPR_INDEX" \
     --encoder "$(field_of retriever-dpr passage_encoder)" > "$OUT/index-dpr.log" 2>&1
   if wanted retrieval-dpr; then
     echo "$(date +%T) evaluating: retrieval-dpr"
     "$BIN/rag-ray" eval-retrieval --index "$DPR_INDEX" --encoder "$DPR/query_encoder" --questions squad-open:dev \
-      --hybrid --json > "$OUT/retrieval-dpr.out" 2> "$OUT/retrieval-dpr.log"
+      --hybrid --json "${LIMIT[@]}" > "$OUT/retrieval-dpr.out" 2> "$OUT/retrieval-dpr.log"
     tail -n 1 "$OUT/retrieval-dpr.out" > "$OUT/retrieval-dpr.json"
   fi
   IDX=$DPR_INDEX evaluate eval-dpr "$DPR"
@@ -156,12 +166,12 @@ if [ -f "$OUT/retriever-dpr.json" ]; then
     --set model.init_from="$DPR" --set model.train_passage_encoder=true --set data.hard_negatives=2 \
     --set optim.query_encoder_lr=3e-5 --set optim.max_steps=230 --set checkpoint.every=230
   if [ -f "$OUT/retriever-dpr-2.json" ]; then
-    [ -f indexes/squad-open-dpr-2/current ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml \
-      --out indexes/squad-open-dpr-2 --encoder "$(field_of retriever-dpr-2 passage_encoder)" > "$OUT/index-dpr-2.log" 2>&1
+    [ -f "$IDXS/squad-open-dpr-2/current" ] || "$BIN/rag-ray" index --config jobs/configs/index_squad_open.yaml \
+      --out "$IDXS/squad-open-dpr-2" --encoder "$(field_of retriever-dpr-2 passage_encoder)" > "$OUT/index-dpr-2.log" 2>&1
     if wanted retrieval-dpr-2; then
       echo "$(date +%T) evaluating: retrieval-dpr-2"
-      "$BIN/rag-ray" eval-retrieval --index indexes/squad-open-dpr-2 --encoder "$(model_of retriever-dpr-2)/query_encoder" \
-        --questions squad-open:dev --hybrid --json > "$OUT/retrieval-dpr-2.out" 2> "$OUT/retrieval-dpr-2.log"
+      "$BIN/rag-ray" eval-retrieval --index "$IDXS/squad-open-dpr-2" --encoder "$(model_of retriever-dpr-2)/query_encoder" \
+        --questions squad-open:dev --hybrid --json "${LIMIT[@]}" > "$OUT/retrieval-dpr-2.out" 2> "$OUT/retrieval-dpr-2.log"
       tail -n 1 "$OUT/retrieval-dpr-2.out" > "$OUT/retrieval-dpr-2.json"
     fi
   fi
@@ -205,7 +215,7 @@ evaluate eval-reader-no-span "$READER" --no-span-recovery
 evaluate eval-reader-scale-1 "$READER" --doc-score-scale 1
 # the reranker's rank prior (w = 1) against its logit alone: recall of its order, and EM reading its top 1
 if [ -f "$OUT/reranker.json" ]; then
-  DPR_INDEX=indexes/squad-open-dpr
+  DPR_INDEX=$IDXS/squad-open-dpr
   reranker_recall retrieval-reranker-no-prior --rerank-prior 0
   IDX=$DPR_INDEX evaluate eval-reranker-k1-no-prior "$(model_of reranker)" --hybrid --n-docs 1 --rerank-prior 0
 elif wanted retrieval-reranker-no-prior || wanted eval-reranker-k1-no-prior; then

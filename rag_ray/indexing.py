@@ -22,7 +22,6 @@ import numpy as np
 
 from rag_ray.config import EncoderConfig, IndexConfig
 from rag_ray.corpus import embedding_text, read_corpus
-from rag_ray.encoders import Encoder, resolve_precision
 from rag_ray.errors import RagRayError
 from rag_ray.io import atomic_dir
 from rag_ray.manifest import (CURRENT, MANIFEST, EncoderInfo, IndexManifest, ShardInfo, next_version, set_current,
@@ -39,7 +38,12 @@ class EmbedPassages:
     """
 
     def __init__(self, encoder: EncoderConfig, torch_threads: int | None = None) -> None:
+        # torch and transformers are imported here, not by the module: every Ray worker that runs
+        # this module's other stages (route_to_shards, the skip counter) would otherwise import
+        # them too, a few seconds each on the cores the embedding actors start on.
         import torch
+
+        from rag_ray.encoders import Encoder, resolve_precision
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
