@@ -31,7 +31,7 @@ LIMIT=()
 IDXS=indexes  # the indexes the rows build (the DPR towers'); the shared squad-open index is always indexes/squad-open
 # SMOKE=1: every named row in one invocation on a tiny budget (2 training steps, 16 dev questions),
 # into runs/results-smoke with its own checkpoints and indexes: checks that the whole chain runs, start to end, from
-# a clean clone (about 30 min for core on 2 cores). Its numbers mean nothing.
+# a clean clone (15 min for core on 2 cores, with .venv and the index). Its numbers mean nothing.
 if [ -n "${SMOKE:-}" ]; then
   OUT=runs/results-smoke; IDXS=$OUT/indexes
   EXTRA+=(--set optim.max_steps=2 --set eval.questions=16 --set log_every=1 --set checkpoint.storage_path="$OUT/runs")
