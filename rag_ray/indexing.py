@@ -40,7 +40,7 @@ class EmbedPassages:
     def __init__(self, encoder: EncoderConfig, torch_threads: int | None = None) -> None:
         # torch and transformers are imported here, not by the module: every Ray worker that runs
         # this module's other stages (route_to_shards, the skip counter) would otherwise import
-        # them too, a few seconds each on the cores the embedding actors start on.
+        # them too, about 3 s of CPU and some 400 MiB of peak RSS in a build (docs/benchmarks.md).
         import torch
 
         from rag_ray.encoders import Encoder, resolve_precision

@@ -16,9 +16,9 @@ def test_cli_has_every_subcommand():
 
 
 def test_index_build_stages_import_neither_torch_nor_transformers():
-    """Every Ray worker that runs an index stage imports its module: the read and route tasks, the
-    skip counter and the shard actors must not pay torch's and transformers' import (seconds each on
-    the cores the embedding actors start on); only the embedding actor loads them."""
+    """Every Ray worker that runs an index stage imports its module: the route tasks, the skip
+    counter and the shard actors must not pay torch's and transformers' import (seconds of CPU and
+    hundreds of MiB each); only the embedding actor loads them."""
     import subprocess
     import sys
 
