@@ -63,7 +63,6 @@ class IndexRefresher:
         self.encoders = self.root.parent / f"{self.root.name}-encoders"
         self.embedders = cfg.index_refresh.embedders
         self.shard_set = None  # the version this process started; retired when the next one serves
-        self.count = 0  # for the log line; the training's metrics keep their own counts
 
     def index_config(self, encoder_dir: Path) -> IndexConfig:
         """The source index's build (corpus, cut, shards, FAISS type and parameters, precision)
@@ -90,9 +89,10 @@ class IndexRefresher:
         }
         return load_config(IndexConfig, overrides={k: v for k, v in overrides.items() if v is not None})
 
-    def refresh(self, passage_encoder: Encoder, step: int) -> Path:
+    def refresh(self, passage_encoder: Encoder, step: int, number: int) -> Path:
         """Save the encoder, build a new version with it, start its shard actors (retiring the
-        previous refresh's), and return the version directory every worker should now search."""
+        previous refresh's), and return the version directory every worker should now search.
+        ``number`` is the training's count of this refresh, for the log line."""
         from rag_ray.indexing import build_index
         from rag_ray.shards import ShardSet
 
@@ -108,8 +108,7 @@ class IndexRefresher:
             previous.retire()
         self._prune_encoders()
         seconds = time.perf_counter() - start
-        self.count += 1
-        print(f"[rag_ray.train] index refresh {self.count} at step {step}: {manifest.passage_count} passages "
+        print(f"[rag_ray.train] index refresh {number} at step {step}: {manifest.passage_count} passages "
               f"re-embedded into {version} in {seconds:.1f} s; training searches it from now on", flush=True)
         return version
 

@@ -592,7 +592,8 @@ def train_loop_per_worker(config: dict) -> None:
         searches the new version (the others wait for it, then attach to its shards by name)."""
         nonlocal retriever, metadata
         t0 = time.perf_counter()
-        version = [str(refresher.refresh(state.passage_encoder, state.step)) if rank == 0 else None]
+        number = refreshes["index_refreshes"] + 1
+        version = [str(refresher.refresh(state.passage_encoder, state.step, number)) if rank == 0 else None]
         if world > 1:
             torch.distributed.broadcast_object_list(version, src=0)
         retriever = refresher.retriever() if rank == 0 else attach_refreshed(version[0])
